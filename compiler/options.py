@@ -1,0 +1,53 @@
+"""CompileOptions: every `edgeloop compile` flag, one field each."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from edgeloop.errors import EdgeloopError
+
+TARGETS = {
+    "onnxruntime": ("cpu", "cuda", "mobile"),
+    "tvm": ("cpu", "cuda", "android-cpu", "android-opencl", "ios-metal", "webgpu"),
+}
+LAYOUTS = ("loop", "unrolled")
+QUANTS = ("none", "int8", "int4")
+
+
+@dataclass
+class CompileOptions:
+    backend: str = "onnxruntime"
+    target: str = "cpu"
+    layout: str = "loop"  # loop: the shared block once inside a Loop; unrolled: one copy per depth
+    quant: str = "none"
+    block_size: int = 32
+    symmetric: bool = False
+    quantize_embeddings: bool = False
+    keep_float: list[str] = field(default_factory=list)
+    lora_dtype: str = "float32"  # float32 | float16 storage of the per-depth LoRA
+    scale_search: bool = True  # int4: search per-block scales (better than round-to-nearest)
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32 compute
+    calibration_text: str | None = None  # held-out text for the quality report (default: see onnx_quant)
+    optimize: bool = True  # apply portable ORT graph optimizations offline
+    tune_trials: int = 0  # TVM: optional offline tuning
+    debug_dump: bool = False  # write the graph after every pipeline step into debug/
+
+    def validate(self) -> None:
+        if self.backend not in TARGETS:
+            raise EdgeloopError(f"unknown backend {self.backend!r}; choose one of {', '.join(TARGETS)}")
+        if self.target not in TARGETS[self.backend]:
+            raise EdgeloopError(f"--target {self.target} is not available for {self.backend}; "
+                                f"choose one of {', '.join(TARGETS[self.backend])}")
+        if self.layout not in LAYOUTS:
+            raise EdgeloopError(f"unknown --layout {self.layout!r}; choose loop or unrolled")
+        if self.quant not in QUANTS:
+            raise EdgeloopError(f"unknown --quant {self.quant!r}; choose one of {', '.join(QUANTS)}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise EdgeloopError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise EdgeloopError(f"--accuracy-level must be 0 to 4, got {self.accuracy_level}")
+        if self.lora_dtype not in ("float32", "float16"):
+            raise EdgeloopError(f"--lora-dtype must be float32 or float16, got {self.lora_dtype}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
