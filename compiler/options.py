@@ -21,7 +21,7 @@ class CompileOptions:
     layout: str = "loop"  # loop: the shared block once inside a Loop; unrolled: one copy per depth
     quant: str = "none"
     block_size: int = 32
-    symmetric: bool = False
+    symmetric: bool = True  # measured on the bundled model: symmetric + scale search beats asymmetric (KL, size)
     quantize_embeddings: bool = False
     keep_float: list[str] = field(default_factory=list)
     lora_dtype: str = "float32"  # float32 | float16 storage of the per-depth LoRA

@@ -87,6 +87,20 @@ def convert(
         err.print(f"[yellow]note:[/] {note}")
 
 
+@app.command("export-merged")
+def export_merged_cmd(
+    model_dir: Path = typer.Argument(..., help="edgeloop model dir"),
+    output: Path = typer.Option(..., "-o", "--output", help="HF checkpoint directory to write"),
+    dtype: str = typer.Option("float32", help="float32 | float16"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+) -> None:
+    """Write the equivalent vanilla HF checkpoint (every depth's LoRA merged into its own layer)."""
+    from edgeloop.export import export_merged
+
+    path = export_merged(model_dir, output, dtype=dtype, overwrite=force)
+    out.print(f"wrote {path}: a plain Hugging Face checkpoint with the recursion unrolled and LoRA merged")
+
+
 # ---------------------------------------------------------------------------------------------
 # compile
 
@@ -101,7 +115,7 @@ def compile_cmd(
     layout: str = typer.Option("loop", help="loop (shared block once, inside a Loop) | unrolled"),
     quant: str = typer.Option("none", help="none | int8 | int4 (shared block weights)"),
     block_size: int = typer.Option(32, help="int4 block size: 32 | 64 | 128"),
-    symmetric: bool = typer.Option(False, "--symmetric/--asymmetric", help="int4 zero points (asymmetric default)"),
+    symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="int4 without (default) or with zero points"),
     quantize_embeddings: bool = typer.Option(False, help="also quantize the embedding and LM head"),
     keep_float: Optional[List[str]] = typer.Option(None, help="glob of weights to keep float (repeatable)"),
     lora_dtype: str = typer.Option("float32", help="LoRA storage: float32 | float16"),

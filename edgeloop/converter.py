@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def convert(hf_dir: str | Path, out: str | Path, options: ConvertOptions | None 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_model_dir(tmp, ckpt.spec, recursion, tensors, generation=generation_defaults(hf_dir, ckpt.config),
                         source=source, tokenizer_from=hf_dir)
+        # kept so `edgeloop export-merged` can write the equivalent vanilla checkpoint
+        shutil.copy2(hf_dir / "config.json", tmp / "hf_config.json")
     notes = []
     if not (hf_dir / "tokenizer.json").is_file():
         notes.append("no tokenizer.json in the checkpoint: generate() from text will not work, logits() will")

@@ -151,3 +151,15 @@ def test_perplexity_and_bench_cli(full_rank, tmp_path):
                 "--rounds", "1", "--json", "--plot", plot)
     assert r.returncode == 0, r.stderr
     assert '"decode_tok_s"' in r.stdout and plot.stat().st_size > 1000
+
+
+def test_chat_cli_session(full_rank):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edgeloop", "chat", str(full_rank.path), "--max-new-tokens", "6"],
+                       input="hello\nhow are you\n\n", capture_output=True, text=True, timeout=300,
+                       env={**os.environ})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("in cache") == 2  # two turns, the cache kept between them

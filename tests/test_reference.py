@@ -117,3 +117,13 @@ def test_saved_model_dir_round_trips(converted, hf_checkpoint):
     path = converted("qwen3", loops=2, lora_rank="full")
     m = edgeloop.load(path)
     assert np.abs(m.logits(IDS) - hf_logits(hf_checkpoint("qwen3"), IDS)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("preset", ["llama", "gemma", "gpt_neox"])
+def test_export_merged_is_an_equivalent_hf_checkpoint(converted, tmp_path, preset):
+    from edgeloop.export import export_merged
+
+    model_dir = converted(preset, loops=2, lora_rank=8)
+    out = export_merged(model_dir, tmp_path / "merged")
+    expected = edgeloop.load(model_dir).logits(IDS)
+    assert np.abs(hf_logits(out, IDS) - expected).max() <= 1e-4

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -16,6 +16,7 @@ class Source:
 
     names: tuple[str, ...]
     transform: Callable[..., np.ndarray] | None = None
+    inverse: Callable[[np.ndarray], np.ndarray] | None = None  # edgeloop -> HF, for export
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,28 @@ class WeightMap:
     globals: dict[str, Source]
     layer: dict[str, Source]
     ignore_suffixes: tuple[str, ...] = ()  # buffers some checkpoints carry (e.g. rotary inv_freq)
+    # HF tensors that several edgeloop tensors were split from: HF name -> merge(*parts in map order)
+    merges: dict[str, Callable[..., np.ndarray]] = field(default_factory=dict)
+
+
+def to_hf(wmap: WeightMap, globals_: dict[str, np.ndarray], layers: list[dict[str, np.ndarray]]) -> dict:
+    """The inverse of reading: edgeloop tensors of a vanilla model -> HF tensor names."""
+    out: dict[str, np.ndarray] = {}
+    scopes = [(wmap.globals, globals_, None)] + [(wmap.layer, layer, i) for i, layer in enumerate(layers)]
+    for scope, tensors, i in scopes:
+        by_source: dict[str, list[str]] = {}
+        for target, src in scope.items():
+            by_source.setdefault(src.names[0], []).append(target)
+        for name, targets in by_source.items():
+            src = scope[targets[0]]
+            if len(targets) > 1:
+                value = wmap.merges[name](*[tensors[t] for t in targets])
+            elif src.transform is None:
+                value = tensors[targets[0]]
+            else:
+                value = src.inverse(tensors[targets[0]])
+            out[name.format(i=i)] = np.ascontiguousarray(value)
+    return out
 
 
 def require(config: dict, *names: str, default=None):
@@ -63,12 +86,12 @@ def check_dims(config: dict, spec) -> None:
         raise EdgeloopError("inconsistent config.json: sizes must be positive")
 
 
-def llama_style_layer_map(spec, *, norm_transform=None) -> dict[str, Source]:
+def llama_style_layer_map(spec, *, norm_transform=None, norm_inverse=None) -> dict[str, Source]:
     """Layer tensors of the Llama layout (also Mistral, Qwen2/3, Gemma)."""
     p = "model.layers.{i}."
     m = {
-        "input_norm.weight": Source((p + "input_layernorm.weight",), norm_transform),
-        "post_norm.weight": Source((p + "post_attention_layernorm.weight",), norm_transform),
+        "input_norm.weight": Source((p + "input_layernorm.weight",), norm_transform, norm_inverse),
+        "post_norm.weight": Source((p + "post_attention_layernorm.weight",), norm_transform, norm_inverse),
         "q.weight": Source((p + "self_attn.q_proj.weight",)),
         "k.weight": Source((p + "self_attn.k_proj.weight",)),
         "v.weight": Source((p + "self_attn.v_proj.weight",)),
@@ -86,15 +109,15 @@ def llama_style_layer_map(spec, *, norm_transform=None) -> dict[str, Source]:
         for name in ("gate", "up", "down"):
             m[f"{name}.bias"] = Source((p + f"mlp.{name}_proj.bias",))
     if spec.qk_norm:
-        m["q_norm.weight"] = Source((p + "self_attn.q_norm.weight",), norm_transform)
-        m["k_norm.weight"] = Source((p + "self_attn.k_norm.weight",), norm_transform)
+        m["q_norm.weight"] = Source((p + "self_attn.q_norm.weight",), norm_transform, norm_inverse)
+        m["k_norm.weight"] = Source((p + "self_attn.k_norm.weight",), norm_transform, norm_inverse)
     return m
 
 
-def llama_style_globals(spec, *, norm_transform=None) -> dict[str, Source]:
+def llama_style_globals(spec, *, norm_transform=None, norm_inverse=None) -> dict[str, Source]:
     g = {
         "embed.weight": Source(("model.embed_tokens.weight",)),
-        "final_norm.weight": Source(("model.norm.weight",), norm_transform),
+        "final_norm.weight": Source(("model.norm.weight",), norm_transform, norm_inverse),
     }
     if not spec.tie_embeddings:
         g["lm_head.weight"] = Source(("lm_head.weight",))

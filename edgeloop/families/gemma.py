@@ -17,6 +17,10 @@ def _plus_one(w):
     return w + 1.0
 
 
+def _minus_one(w):
+    return w - 1.0
+
+
 def spec_from_config(config: dict) -> ModelSpec:
     kw = llama_style_spec_kwargs(config)
     # Gemma checkpoints name the MLP activation `hidden_activation` (older) or `hidden_act`.
@@ -29,5 +33,5 @@ def spec_from_config(config: dict) -> ModelSpec:
 
 
 def weight_map(spec: ModelSpec) -> WeightMap:
-    return WeightMap(llama_style_globals(spec, norm_transform=_plus_one),
-                     llama_style_layer_map(spec, norm_transform=_plus_one), ("rotary_emb.inv_freq",))
+    norm = dict(norm_transform=_plus_one, norm_inverse=_minus_one)
+    return WeightMap(llama_style_globals(spec, **norm), llama_style_layer_map(spec, **norm), ("rotary_emb.inv_freq",))

@@ -6,6 +6,8 @@ splits them into plain q, k, v so the lowerings see the same layout as every oth
 
 from functools import partial
 
+import numpy as np
+
 from edgeloop.families.common import Source, WeightMap, activation_name, check_dims, require, rope_settings
 from edgeloop.spec import ModelSpec
 
@@ -50,6 +52,12 @@ def _split_qkv(w, *, part: int, heads: int, head_dim: int):
     return w[:, part].reshape(heads * head_dim, *w.shape[3:])
 
 
+def _merge_qkv(q, k, v, *, heads: int, head_dim: int):
+    """Inverse of _split_qkv: q, k, v rows back into [head, (q, k, v), head_dim, ...]."""
+    parts = [w.reshape(heads, 1, head_dim, *w.shape[1:]) for w in (q, k, v)]
+    return np.concatenate(parts, axis=1).reshape(3 * heads * head_dim, *q.shape[1:])
+
+
 def weight_map(spec: ModelSpec) -> WeightMap:
     p = "gpt_neox.layers.{i}."
     qkv = p + "attention.query_key_value."
@@ -78,4 +86,6 @@ def weight_map(spec: ModelSpec) -> WeightMap:
     }
     if not spec.tie_embeddings:
         glob["lm_head.weight"] = Source(("embed_out.weight",))
-    return WeightMap(glob, layer, ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"))
+    merge = partial(_merge_qkv, heads=spec.num_heads, head_dim=spec.head_dim)
+    merges = {qkv + "weight": merge, qkv + "bias": merge}
+    return WeightMap(glob, layer, ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"), merges)

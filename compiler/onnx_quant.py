@@ -1,0 +1,404 @@
+"""Quantize a built ONNX graph: our own packing (quant_pack), our own node selection.
+
+`quantize_graph` rewrites, in the main graph and in every Loop body (whose nodes read the
+shared weights as outer-scope initializers):
+
+  MatMul(x, b{u}.{group}.W)          -> MatMulNBits (block layout) or DynamicQuantizeMatMul (int8
+                                        per channel), by the scheme the preset names for "shared"
+  Gemm(h, head, transB=1)  (LM head) -> MatMulNBits           } with --quantize-embeddings; a tied
+  Gather(embed.weight, ids)          -> GatherBlockQuantized  } embedding shares the packed codes
+
+LoRA stacks, norms and everything else stay float (LoRA storage dtype is chosen when the graph
+is built). `--keep-float` globs exclude weights by initializer name. ORT's quantizers are not
+used: their node selection is unreliable on our graphs (DESIGN.md section 3).
+
+`measure_quality` runs the quantized artifact and the fp32 graph on held-out text and reports
+mean KL, top-1 agreement and perplexity of both.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeloop.compiler import quant_pack as qp
+from edgeloop.errors import EdgeloopError
+
+MS = "com.microsoft"
+
+# --quant NAME -> scheme (quant_pack.SCHEMES) per initializer kind; kinds not listed stay float.
+# int8 embeddings use 8-bit blocks: the tied table must be readable by both the gather and the head.
+PRESETS: dict[str, dict[str, str]] = {
+    "int8": {"shared": "int8-channel", "embedding": "int8-block"},
+    "int4": {"shared": "int4-block", "embedding": "int4-block"},
+}
+
+QUALITY_TOKENS = 2048  # held-out tokens scored when a text is available
+QUALITY_WINDOW = 512  # tokens per forward pass (attention cost grows with the square)
+RANDOM_TOKENS = 256  # random ids scored when no matching text exists (test models)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rewrite
+
+
+def quantize_graph(proto: onnx.ModelProto, kinds: dict[str, str], model, options):
+    """-> (quantized copy of proto, updated kinds, quantization manifest section)."""
+    if options.quant not in PRESETS:
+        raise EdgeloopError(f"unknown --quant {options.quant!r}; choose one of none, {', '.join(PRESETS)}")
+    if any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer if kinds.get(t.name) == "shared"):
+        raise EdgeloopError(f"--quant {options.quant} needs a float32 graph; the {options.target} target builds "
+                            "float16 (use --target cpu or --quant none)")
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)  # the fp32 graph stays intact: quality is measured against it
+    kinds = dict(kinds)
+    store = _WeightStore(out.graph, kinds, options)
+    store.heads = {n.input[1] for n in out.graph.node if n.op_type == "Gemm" and store.wants(n.input[1], "embedding")
+                   and _is_plain_head(n)}
+    # Bodies first: rewriting a graph copies its nodes, so a Loop's body must be final by then.
+    for graph in reversed(list(_all_graphs(out.graph))):
+        _rewrite(graph, store, options)
+    store.drop_unused(list(_all_graphs(out.graph)))
+    return out, kinds, store.summary()
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    """The graph and, recursively, every subgraph (Loop bodies)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+
+
+def _rewrite(graph: onnx.GraphProto, store: _WeightStore, options) -> None:
+    nodes = []
+    for node in graph.node:
+        new = _replacement(node, store, options)
+        nodes.extend(new if new is not None else [node])
+        if new is not None:
+            _annotate(graph, new[-1].output[0])
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _replacement(node: onnx.NodeProto, store: _WeightStore, options) -> list[onnx.NodeProto] | None:
+    """Nodes replacing `node`, or None to keep it."""
+    if node.op_type == "MatMul" and store.wants(node.input[1], "shared"):
+        return [store.linear(node.input[0], node.input[1], node.output[0], transposed=False)]
+    if node.op_type == "Gemm" and store.wants(node.input[1], "embedding") and _is_plain_head(node):
+        return [store.linear(node.input[0], node.input[1], node.output[0], transposed=True)]
+    if (node.op_type == "Gather" and store.wants(node.input[0], "embedding")
+            and _attr(node, "axis", 0) == 0):
+        return store.gather(node.input[0], node.input[1], node.output[0])
+    return None
+
+
+def _is_plain_head(node: onnx.NodeProto) -> bool:
+    """Gemm(h, W, transB=1) with no bias or scaling: exactly h @ W.T."""
+    return (len(node.input) == 2 and _attr(node, "transB", 0) == 1 and _attr(node, "transA", 0) == 0
+            and _attr(node, "alpha", 1.0) == 1.0)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _annotate(graph: onnx.GraphProto, name: str) -> None:
+    """Contrib-op outputs need their type declared (ORT cannot always infer it inside Loop bodies)."""
+    graph.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+
+
+class _WeightStore:
+    """Packs each float weight once and hands out the initializer names each consumer reads."""
+
+    def __init__(self, graph: onnx.GraphProto, kinds: dict[str, str], options):
+        self.graph, self.kinds, self.options = graph, kinds, options
+        self.preset = PRESETS[options.quant]
+        self.inits = {t.name: t for t in graph.initializer}
+        self.packed: dict[str, qp.BlockPacked | qp.ChannelPacked] = {}
+        self.names: dict[tuple[str, str], list[str]] = {}  # (weight, consumer) -> inputs
+        self.kept: set[str] = set()
+        self.errors = {"rtn": 0.0, "chosen": 0.0, "norm": 0.0}
+        self.counter = 0
+        self.heads: set[str] = set()  # tables an LM head reads (set by quantize_graph)
+
+    # -- selection -----------------------------------------------------------------------------
+
+    def wants(self, name: str, kind: str) -> bool:
+        if name not in self.inits or self.kinds.get(name) != kind or kind not in self.preset:
+            return False
+        if kind == "embedding" and not self.options.quantize_embeddings:
+            return False
+        if len(self.inits[name].dims) != 2 or self.inits[name].data_type != TensorProto.FLOAT:
+            return False  # fp16 graphs (cuda) and odd shapes stay as built
+        if any(fnmatch.fnmatchcase(name, pat) for pat in self.options.keep_float):
+            self.kept.add(name)
+            return False
+        return True
+
+    def scheme(self, name: str) -> qp.QuantScheme:
+        return qp.SCHEMES[self.preset[self.kinds[name]]]
+
+    # -- packing -------------------------------------------------------------------------------
+
+    def pack(self, name: str, transposed: bool):
+        """Quantize the weight as W [K, N] (K = input dim). Embeddings are [V, H]: W = E.T."""
+        if name not in self.packed:
+            w = numpy_helper.to_array(self.inits[name]).astype(np.float32)
+            w = w.T if transposed else w
+            s, o = self.scheme(name), self.options
+            p = qp.quantize(w, s.name, block_size=o.block_size, symmetric=o.symmetric,
+                            search=o.scale_search and s.layout == "block")
+            self._track_error(w, p, s)
+            self.packed[name] = p
+        return self.packed[name]
+
+    def _track_error(self, w: np.ndarray, p, s: qp.QuantScheme) -> None:
+        """Sum squared reconstruction errors, and plain RTN's for comparison (block schemes)."""
+        err = float(((qp.dequantize(p) - w) ** 2).sum())
+        rtn = err
+        if s.layout == "block" and self.options.scale_search:
+            o = self.options
+            rtn_p = qp.quantize_blocks(w, bits=s.bits, block_size=o.block_size, symmetric=o.symmetric)
+            rtn = float(((qp.dequantize(rtn_p) - w) ** 2).sum())
+        self.errors["rtn"] += rtn
+        self.errors["chosen"] += err
+        self.errors["norm"] += float((w.astype(np.float64) ** 2).sum())
+
+    def _add(self, name: str, array: np.ndarray, like: str | None) -> str:
+        """A new initializer of the same kind as `like` (None: a small constant, kind other)."""
+        if name not in self.inits:
+            t = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            self.graph.initializer.append(t)
+            self.inits[name] = t
+            self.kinds[name] = self.kinds[like] if like else "other"
+        return name
+
+    # -- consumers -----------------------------------------------------------------------------
+
+    def linear(self, x: str, name: str, y: str, transposed: bool) -> onnx.NodeProto:
+        """y = x @ W (or x @ E.T for a head) as one contrib node."""
+        p = self.pack(name, transposed)
+        self.counter += 1
+        if isinstance(p, qp.ChannelPacked):
+            ins = [x, self._add(f"{name}.q8", p.codes, name), self._add(f"{name}.q8_scales", p.scales, name)]
+            return helper.make_node("DynamicQuantizeMatMul", ins, [y], name=f"q8_{self.counter}", domain=MS)
+        ins = [x, self._data(name, p), self._scales(name, p)]
+        if p.zero_points is not None:
+            ins.append(self._zeros(name, p))
+        return helper.make_node("MatMulNBits", ins, [y], name=f"nbits_{self.counter}", domain=MS, K=p.k, N=p.n,
+                                bits=p.bits, block_size=p.block_size, accuracy_level=self.options.accuracy_level)
+
+    def gather(self, name: str, ids: str, y: str) -> list[onnx.NodeProto]:
+        """Rows of a block-quantized [V, H] table. A table the LM head also reads (tied) is decoded
+        with plain ops from the head's own codes, scales and zero points, so nothing is stored twice
+        (GatherBlockQuantized would need rank-3 scales, which MatMulNBits rejects: ORT 1.32). An
+        untied table uses one GatherBlockQuantized node."""
+        p = self.pack(name, transposed=True)
+        self.counter += 1
+        if name in self.heads:
+            rows = self._decode_rows(name, p, ids, f"{y}_blocks")
+        else:
+            rows = self._gather_block_quantized(name, p, ids, f"{y}_blocks")
+        shape = self._add("quant.rows_shape", np.array([0, 0, -1], np.int64), None)
+        flat = y if p.n_blocks * p.block_size == p.k else f"{y}_padded"
+        rows.append(helper.make_node("Reshape", [f"{y}_blocks", shape], [flat], name=f"rows_flat_{self.counter}"))
+        if flat != y:  # a partial tail block: drop its padding
+            lims = [self._add(f"quant.slice_{v}", np.array([v], np.int64), None) for v in (0, p.k, -1)]
+            rows.append(helper.make_node("Slice", [flat, *lims], [y], name=f"rows_trim_{self.counter}"))
+        return rows
+
+    def _gather_block_quantized(self, name: str, p: qp.BlockPacked, ids: str, out: str) -> list[onnx.NodeProto]:
+        v, nb = p.n, p.n_blocks
+        ins = [self._data(name, p), ids, self._add(f"{name}.gscales", p.scales.reshape(v, nb, 1), name)]
+        if p.zero_points is not None:  # unpacked: one zero point per byte
+            zps = qp.unpack_zero_points(p.zero_points, p.bits, v, nb).astype(np.uint8)
+            ins.append(self._add(f"{name}.gzeros", zps.reshape(v, nb, 1), name))
+        return [helper.make_node("GatherBlockQuantized", ins, [out], name=f"gbq_{self.counter}", domain=MS,
+                                 gather_axis=0, quantize_axis=2, block_size=p.block_size, bits=p.bits)]
+
+    def _decode_rows(self, name: str, p: qp.BlockPacked, ids: str, out: str) -> list[onnx.NodeProto]:
+        """(code - zero point) * scale for the gathered rows: [b, t, n_blocks, block_size]."""
+        b = _NodeList(f"dq{self.counter}")
+        codes = b.unpack(b.add("Gather", self._data(name, p), ids), p.bits, self)  # [b, t, nb, bs]
+        scales = b.add("Unsqueeze", b.add("Gather", self._scales(name, p), ids), self._const([-1]))
+        if p.zero_points is None:
+            zps = self._add(f"quant.zero_{p.bits}", np.array(2 ** (p.bits - 1), np.float32), None)
+        else:
+            zps = b.unpack(b.add("Gather", self._zeros(name, p), ids), p.bits, self)  # [b, t, >= nb]
+            zps = b.add("Slice", zps, self._const([0]), self._const([p.n_blocks]), self._const([-1]))
+            zps = b.add("Unsqueeze", zps, self._const([-1]))
+        b.nodes.append(helper.make_node("Mul", [b.add("Sub", codes, zps), scales], [out], name=f"{b.prefix}_out"))
+        return b.nodes
+
+    def _const(self, values) -> str:
+        arr = np.array(values, np.int64)
+        return self._add("quant.c_" + "_".join(map(str, values)).replace("-", "m"), arr, None)
+
+    def _data(self, name: str, p: qp.BlockPacked) -> str:
+        return self._add(f"{name}.q{p.bits}", p.data, name)
+
+    # Scales [N, n_blocks] and zero points [N, bytes per row] as 2-D tensors: MatMulNBits accepts
+    # them so, and a row Gather (the tied embedding lookup) can read the same tensors.
+    def _scales(self, name: str, p: qp.BlockPacked) -> str:
+        return self._add(f"{name}.qscales", p.scales.reshape(p.n, p.n_blocks), name)
+
+    def _zeros(self, name: str, p: qp.BlockPacked) -> str:
+        return self._add(f"{name}.qzeros", p.zero_points.reshape(p.n, -1), name)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def drop_unused(self, graphs) -> None:
+        """Remove float weights no node reads any more (a kept-float consumer keeps them)."""
+        used = {i for g in graphs for n in g.node for i in n.input}
+        keep = [t for t in self.graph.initializer if t.name in used or t.name not in self.packed]
+        dropped = [t.name for t in self.graph.initializer if t.name in self.packed and t.name not in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+        for name in dropped:
+            self.kinds.pop(name, None)
+
+    def summary(self) -> dict:
+        o = self.options
+        info = {"scheme": o.quant, "schemes_by_kind": {k: v for k, v in self.preset.items()
+                                                       if k != "embedding" or o.quantize_embeddings},
+                "block_size": o.block_size, "symmetric": o.symmetric, "scale_search": o.scale_search,
+                "accuracy_level": o.accuracy_level, "quantized_weights": sorted(self.packed),
+                "kept_float": sorted(self.kept), "lora_dtype": o.lora_dtype}
+        if self.errors["norm"]:
+            info["rel_error"] = round(math.sqrt(self.errors["chosen"] / self.errors["norm"]), 6)
+            info["rel_error_rtn"] = round(math.sqrt(self.errors["rtn"] / self.errors["norm"]), 6)
+        return info
+
+
+class _NodeList:
+    """A few plain nodes with generated output names (the tied-embedding decode)."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.nodes = prefix, []
+
+    def add(self, op: str, *inputs: str, **attrs) -> str:
+        out = f"{self.prefix}_{len(self.nodes)}_{op.lower()}"
+        self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def unpack(self, packed: str, bits: int, store: _WeightStore) -> str:
+        """uint8 [..., m] -> float [..., m * 8 / bits] codes, low nibble first (4-bit)."""
+        if bits == 4:
+            four = store._add("quant.u8_4", np.array(4, np.uint8), None)
+            mask = store._add("quant.u8_15", np.array(15, np.uint8), None)
+            lo = self.add("Unsqueeze", self.add("BitwiseAnd", packed, mask), store._const([-1]))
+            hi = self.add("Unsqueeze", self.add("BitShift", packed, four, direction="RIGHT"), store._const([-1]))
+            pairs = self.add("Concat", lo, hi, axis=-1)  # [..., m, 2]
+            shape = self.add("Concat", self.add("Slice", self.add("Shape", packed), store._const([0]),
+                                                store._const([-1])), store._const([-1]), axis=0)
+            packed = self.add("Reshape", pairs, shape)
+        return self.add("Cast", packed, to=TensorProto.FLOAT)
+
+
+# ---------------------------------------------------------------------------------------------
+# quality vs the fp32 graph
+
+
+def measure_quality(fp32_path: Path, quant_path: Path, io: dict, model, options) -> dict:
+    """Mean KL(fp32 || quantized) of next-token distributions, top-1 agreement, perplexities."""
+    if io.get("float_dtype", "float32") != "float32":
+        return {"skipped": "quality is measured on CPU float32 graphs only"}
+    ids, source = calibration_ids(model, options)
+    fp32, quant = _session(fp32_path), _session(quant_path)
+    window = min(QUALITY_WINDOW, model.spec.max_position)
+    totals = {"kl": 0.0, "agree": 0, "nll_fp32": 0.0, "nll": 0.0, "positions": 0, "scored": 0}
+    for start in range(0, len(ids), window):
+        chunk = ids[start:start + window]
+        if len(chunk) < 2:
+            break
+        _accumulate(totals, _logits(fp32, io, chunk), _logits(quant, io, chunk), chunk)
+    n, m = totals["positions"], totals["scored"]
+    ppl32, ppl = math.exp(totals["nll_fp32"] / m), math.exp(totals["nll"] / m)
+    return {"text": source, "tokens": n, "mean_kl": float(f"{totals['kl'] / n:.3g}"),
+            "top1_agreement": round(totals["agree"] / n, 4), "perplexity_fp32": round(ppl32, 4),
+            "perplexity": round(ppl, 4), "perplexity_delta": round(ppl - ppl32, 4)}
+
+
+def _accumulate(totals: dict, ref: np.ndarray, q: np.ndarray, ids: np.ndarray) -> None:
+    lp_ref, lp_q = _log_softmax(ref), _log_softmax(q)  # [t, V] float64
+    totals["kl"] += float((np.exp(lp_ref) * (lp_ref - lp_q)).sum())
+    totals["agree"] += int((ref.argmax(-1) == q.argmax(-1)).sum())
+    rows, nxt = np.arange(len(ids) - 1), ids[1:]
+    totals["nll_fp32"] -= float(lp_ref[rows, nxt].sum())
+    totals["nll"] -= float(lp_q[rows, nxt].sum())
+    totals["positions"] += len(ids)
+    totals["scored"] += len(ids) - 1
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # the machine is shared
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _logits(session, io: dict, ids: np.ndarray) -> np.ndarray:
+    """One prefill of `ids` from an empty cache; logits of every position [t, V]."""
+    feeds = {"input_ids": ids.reshape(1, -1).astype(np.int64), "past_len": np.array(0, np.int64),
+             "num_loops": np.array(io["default_num_loops"], np.int64),
+             "num_logits": np.array(len(ids), np.int64)}
+    for e in io["kv"]:
+        lead = (len(e["depths"]),) if e["stacked"] else ()
+        empty = np.zeros(lead + (1, io["kv_heads"], 0, io["head_dim"]), np.float32)
+        feeds[e["past_key"]] = feeds[e["past_value"]] = empty
+    return session.run([io["logits"]], feeds)[0][0]
+
+
+def calibration_ids(model, options) -> tuple[np.ndarray, str]:
+    """Token ids to score and where they came from: --calibration-text, the model's own
+    heldout.txt, the bundled held-out text when the tokenizer is the bundled one, else random."""
+    text_file = _text_file(model, options)
+    tokenizer = Path(model.path) / "tokenizer.json"
+    if text_file is not None and tokenizer.is_file():
+        from edgeloop.runtimes.tokenizer import Tokenizer
+
+        ids = Tokenizer(model.path, model.generation).encode(text_file.read_text(encoding="utf-8"))
+        ids = np.asarray(ids[:QUALITY_TOKENS], np.int64)
+        if len(ids) >= 2 and ids.max() < model.spec.vocab_size:
+            return ids, str(text_file)
+    if options.calibration_text:
+        raise EdgeloopError(f"--calibration-text {options.calibration_text}: the model has no usable tokenizer.json "
+                            "to encode it (or the text is shorter than two tokens)")
+    rng = np.random.default_rng(0)
+    return rng.integers(0, model.spec.vocab_size, RANDOM_TOKENS).astype(np.int64), "random token ids"
+
+
+def _text_file(model, options) -> Path | None:
+    if options.calibration_text:
+        path = Path(options.calibration_text)
+        if not path.is_file():
+            raise EdgeloopError(f"--calibration-text {path}: file not found")
+        return path
+    own = Path(model.path) / "heldout.txt"
+    if own.is_file():
+        return own
+    import edgeloop
+
+    bundled = Path(edgeloop.__file__).resolve().parents[1] / "examples" / "kjv-tiny"
+    mine = Path(model.path) / "tokenizer.json"
+    if (bundled / "heldout.txt").is_file() and mine.is_file() and (bundled / "tokenizer.json").is_file():
+        if mine.read_bytes() == (bundled / "tokenizer.json").read_bytes():
+            return bundled / "heldout.txt"
+    return None

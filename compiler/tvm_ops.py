@@ -1,0 +1,134 @@
+"""Tensor-expression kernels of the TVM lowering, one fused kernel per step of a layer.
+
+Each op is a plain TE function over the packed layouts of `tvm_params` (a matrix is
+``[ceil(out / T), in, T]``; a per-depth stack has a leading R axis indexed by the repeat
+``r``, a PrimExpr that is the loop counter inside a looped stage). Fusion is decided here,
+not by a pass: a linear carries its bias, its LoRA-B product, the residual add and (gate/up)
+the activation in one kernel. `tvm_schedule` gives each kernel its CPU schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+
+from tvm import te, tirx
+
+ACT = {
+    "silu": lambda x: x * tirx.sigmoid(x),
+    "gelu": lambda x: 0.5 * x * (1.0 + tirx.erf(x * (1.0 / math.sqrt(2.0)))),
+    "gelu_tanh": lambda x: 0.5 * x * (1.0 + tirx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x))),
+}
+
+
+def _packed(w: te.Tensor, r, o, k, t: int):
+    """Element (o, k) of a packed matrix [O/T, K, T], or of repeat r of a stack [R, O/T, K, T]."""
+    if len(w.shape) == 3:
+        return w[o // t, k, o % t]
+    return w[r, o // t, k, o % t]
+
+
+def _row_reader(x: te.Tensor):
+    """x as [s, K] whatever its trailing dims (the attention output is [s, heads, head_dim])."""
+    if len(x.shape) == 2:
+        return lambda i, k: x[i, k]
+    d = x.shape[2]
+    return lambda i, k: x[i, k // d, k % d]
+
+
+def _in_features(x: te.Tensor):
+    return x.shape[1] if len(x.shape) == 2 else x.shape[1] * x.shape[2]
+
+
+def dense(x, w, bias, lora_t, lora_b, residual, r, *, out_features: int, t: int, rank: int = 0,
+          seg_tiles: tuple[int, ...] = (0,), act: str | None = None, gated: bool = False):
+    """y = x W^T (+ bias[r]) (+ lora_t B[r]^T per member) (+ residual), then act / act(gate) * up.
+
+    x [s, K]; w packed [O/T, K, T] (or a stack [R, O/T, K, T], e.g. LoRA A); lora_t [s, members*rank]
+    is x A^T of the group; lora_b packed [R, O/T, rank, T]; seg_tiles: first tile of each member.
+    """
+    s, kdim, out = x.shape[0], _in_features(x), out_features
+    padded = -(-out // t) * t  # whole tiles: the matmul loops carry no tail predicate
+    xr = _row_reader(x)
+    k = te.reduce_axis((0, kdim), name="k")
+    y = te.compute((s, padded), lambda i, o: te.sum(xr(i, k) * _packed(w, r, o, k, t), axis=k), name="matmul")
+    terms = [lambda i, o: y[i, o]]
+    if bias is not None:
+        terms.append(lambda i, o: bias[r, o])
+    if lora_t is not None:
+        j = te.reduce_axis((0, rank), name="j")
+
+        def member(tile):  # which member of the group an output tile belongs to
+            return reduce(lambda acc, st: acc + tirx.if_then_else(tile >= st, 1, 0), seg_tiles[1:], tirx.const(0, "int64"))
+
+        lb = te.compute((s, padded), lambda i, o: te.sum(
+            lora_t[i, member(o // t) * rank + j] * lora_b[r, o // t, j, o % t], axis=j), name="lora_b")
+        terms.append(lambda i, o: lb[i, o])
+    if residual is not None:
+        terms.append(lambda i, o: residual[i, o])
+    z = te.compute((s, out), lambda i, o: reduce(lambda a, f: a + f(i, o), terms[1:], terms[0](i, o)), name="epilogue")
+    if gated:
+        f = out // 2
+        return te.compute((s, f), lambda i, h: ACT[act](z[i, h]) * z[i, f + h], name="gated")
+    if act:
+        return te.compute((s, out), lambda i, h: ACT[act](z[i, h]), name="act")
+    return z
+
+
+def norm(x, w, b, r, *, kind: str, eps: float, last_only: bool = False):
+    """RMSNorm / LayerNorm over the last axis with the repeat-r weights; last_only: of the last row only."""
+    s, h = x.shape
+    rows = 1 if last_only else s
+
+    def xr(i, c):
+        return x[s - 1, c] if last_only else x[i, c]
+
+    k = te.reduce_axis((0, h), name="k")
+    if kind == "rms":
+        ss = te.compute((rows,), lambda i: te.sum(xr(i, k) * xr(i, k), axis=k), name="sumsq")
+        return te.compute((rows, h), lambda i, c: xr(i, c) * tirx.rsqrt(ss[i] / h + eps) * w[r, c], name="norm")
+    mean = te.compute((rows,), lambda i: te.sum(xr(i, k), axis=k), name="sum")
+    k2 = te.reduce_axis((0, h), name="k2")
+    var = te.compute((rows,), lambda i: te.sum((xr(i, k2) - mean[i] / h) * (xr(i, k2) - mean[i] / h), axis=k2), name="sumsq")
+    return te.compute((rows, h), lambda i, c: (xr(i, c) - mean[i] / h) * tirx.rsqrt(var[i] / h + eps) * w[r, c]
+                      + b[r, c], name="norm")
+
+
+def qk_rope(qkv, cos, sin, pos, q_norm, k_norm, r, *, heads: int, kv_heads: int, head_dim: int,
+            rotary_dim: int, eps: float):
+    """[s, (h + 2kv) * d] -> [s, h + 2kv, d]: optional per-head RMSNorm of q and k, then RoPE on q and k.
+
+    The tables are the reference's float64 cos/sin cast to float32, gathered at the cache's
+    query positions, so RoPE (incl. llama3 scaling and partial rotary) matches bit for bit.
+    """
+    s, d, rot_heads = qkv.shape[0], head_dim, heads + kv_heads
+    half = rotary_dim // 2
+    src = lambda i, h, c: qkv[i, h * d + c]  # noqa: E731
+    if q_norm is not None:
+        k = te.reduce_axis((0, d), name="k")
+        ss = te.compute((s, rot_heads), lambda i, h: te.sum(src(i, h, k) * src(i, h, k), axis=k), name="sumsq")
+        weight = lambda h, c: tirx.if_then_else(h < heads, q_norm[r, c], k_norm[r, c])  # noqa: E731
+        xn = te.compute((s, rot_heads, d), lambda i, h, c: src(i, h, c) * tirx.rsqrt(ss[i, h] / d + eps) * weight(h, c),
+                        name="qk_norm")
+        normed = lambda i, h, c: xn[i, h, c]  # noqa: E731
+    else:
+        normed = src
+
+    def rotated(i, h, c):
+        p = pos[i]
+        partner = tirx.if_then_else(c < half, -normed(i, h, c + half), normed(i, h, c - half))
+        return normed(i, h, c) * cos[p, c] + partner * sin[p, c]
+
+    def out(i, h, c):
+        rope = tirx.if_then_else(c < rotary_dim, rotated(i, h, tirx.min(c, rotary_dim - 1)), normed(i, h, c))
+        return tirx.if_then_else(h < rot_heads, rope, src(i, h, c))
+
+    return te.compute((s, heads + 2 * kv_heads, d), out, name="rope")
+
+
+def embed(ids, table, *, hidden: int, scale: float, t: int = 0):
+    """Rows of the embedding [s, H]; t > 0: gathered from the packed (tied) LM head [V/T, H, T]."""
+    s = ids.shape[0]
+    if t:
+        return te.compute((s, hidden), lambda i, c: table[ids[i] // t, c, ids[i] % t] * scale, name="embed")
+    return te.compute((s, hidden), lambda i, c: table[ids[i], c] * scale, name="embed")
