@@ -43,6 +43,10 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
 
 def build_graph(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout: str = "loop",
                 float_dtype=np.float32, lora_dtype=np.float32) -> tuple[GraphBuilder, dict]:
+    # Unrolled graphs attend with GroupQueryAttention writing into the host's KV buffers in
+    # place (DESIGN.md: the fastest CPU form). A Loop body cannot alias per-depth buffers, and
+    # GQA has no per-query sliding window here, so those use the two-part softmax.
+    inplace = layout == "unrolled" and (not spec.sliding_window or spec.sliding_window >= spec.max_position)
     g = GraphBuilder("edgeloop", float_dtype=float_dtype)
     fdt = g.float_dtype
     kvh, hd = spec.num_kv_heads, spec.head_dim
@@ -66,7 +70,7 @@ def build_graph(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout:
             shape[0] = len(entry["depths"])
         for kind in ("past_key", "past_value"):
             g.input(entry[kind], fdt, shape)
-    att = _attention_inputs(g, spec, ids, past_len, kv_entries[0])
+    att = _attention_inputs(g, spec, ids, past_len, kv_entries[0], gqa=inplace)
 
     # -- the stages ---------------------------------------------------------------------------
     prepared = {u: prepare_block(spec, recursion, tensors, u) for u in range(recursion.num_blocks)}
@@ -106,7 +110,7 @@ def build_graph(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout:
     g.output("logits", fdt, ["batch", "num_logits", spec.vocab_size])
     for entry in kv_entries:
         for kind in ("present_key", "present_value"):
-            shape = (["loops"] if entry["stacked"] else []) + ["batch", kvh, "seq", hd]
+            shape = (["loops"] if entry["stacked"] else []) + ["batch", kvh, "capacity" if inplace else "seq", hd]
             g.op_to("Identity", [present[entry[kind]]], [entry[kind]])
             g.output(entry[kind], fdt, shape)
     io = {
@@ -117,6 +121,7 @@ def build_graph(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout:
         "default_num_loops": recursion.loops,
         "logits": "logits",
         "kv": kv_entries,
+        "kv_inplace": inplace,  # present outputs alias the past buffers (bind both to one buffer)
         "kv_heads": kvh,
         "head_dim": hd,
         "head": head_name,
@@ -146,7 +151,8 @@ def _entry(tag: str, depths: list[int], stacked: bool) -> dict:
             "present_key": f"present_key.{tag}", "present_value": f"present_value.{tag}"}
 
 
-def _attention_inputs(g: GraphBuilder, spec: ModelSpec, ids: str, past_len: str, entry: dict) -> AttentionInputs:
+def _attention_inputs(g: GraphBuilder, spec: ModelSpec, ids: str, past_len: str, entry: dict,
+                      gqa: bool = False) -> AttentionInputs:
     """RoPE rows for the new positions, the past mask (past_len, sliding window) and the causal mask."""
     rep = spec.num_heads // spec.num_kv_heads
     cos, sin = rope_tables(spec, spec.max_position)
@@ -161,6 +167,12 @@ def _attention_inputs(g: GraphBuilder, spec: ModelSpec, ids: str, past_len: str,
     cos_k = g.op("Reshape", cos_rows, g.const([-1, 1, rd]), name="cos_k")
     sin_k = g.op("Reshape", sin_rows, g.const([-1, 1, rd]), name="sin_k")
 
+    if gqa:
+        total = g.op("Add", past_len, seq, name="total_len")
+        total_len = g.op("Cast", total, to=6, name="total_len_i32")  # int32
+        seqlens_k = g.op("Cast", g.op("Sub", g.op("Unsqueeze", total, g.const([0])), g.const([1])), to=6,
+                         name="seqlens_k")
+        return AttentionInputs(cos_q, sin_q, cos_k, sin_k, None, None, None, seqlens_k, total_len)
     cap_axis = 3 if entry["stacked"] else 2
     cap = g.op("Gather", g.op("Shape", entry["past_key"]), g.const(cap_axis), axis=0, name="capacity")
     qpos = g.op("Tile", positions, g.const([rep]), name="qpos_rows")  # row r*t + i -> position of token i

@@ -32,9 +32,11 @@ from edgeloop.errors import EdgeloopError
 MS = "com.microsoft"
 
 # --quant NAME -> scheme (quant_pack.SCHEMES) per initializer kind; kinds not listed stay float.
-# int8 embeddings use 8-bit blocks: the tied table must be readable by both the gather and the head.
+# int8 uses 8-bit blocks (MatMulNBits, int8 activations per block at accuracy level 4). Measured on
+# the bundled model: KL 4e-6 / top-1 99.9%, decode as fast as per-channel DynamicQuantizeMatMul
+# ("int8-channel": prefill ~1.8x faster, but per-tensor activations give KL 9e-5 / top-1 98.97%).
 PRESETS: dict[str, dict[str, str]] = {
-    "int8": {"shared": "int8-channel", "embedding": "int8-block"},
+    "int8": {"shared": "int8-block", "embedding": "int8-block"},
     "int4": {"shared": "int4-block", "embedding": "int4-block"},
 }
 

@@ -10,7 +10,10 @@ TARGETS = {
     "onnxruntime": ("cpu", "cuda", "mobile"),
     "tvm": ("cpu", "cuda", "android-cpu", "android-opencl", "ios-metal", "webgpu"),
 }
-LAYOUTS = ("loop", "unrolled")
+LAYOUTS = ("auto", "loop", "unrolled")
+# The measured-faster layout per backend (docs/benchmarks.md): ORT runs the unrolled graph with
+# in-place GroupQueryAttention 1.3x faster than the Loop; TVM has its own recursion form.
+DEFAULT_LAYOUT = {"onnxruntime": "unrolled", "tvm": "loop"}
 QUANTS = ("none", "int8", "int4")
 
 
@@ -18,7 +21,7 @@ QUANTS = ("none", "int8", "int4")
 class CompileOptions:
     backend: str = "onnxruntime"
     target: str = "cpu"
-    layout: str = "loop"  # loop: the shared block once inside a Loop; unrolled: one copy per depth
+    layout: str = "auto"  # loop: the shared block once inside a Loop; unrolled: one copy per depth
     quant: str = "none"
     block_size: int = 32
     symmetric: bool = True  # measured on the bundled model: symmetric + scale search beats asymmetric (KL, size)
@@ -39,7 +42,9 @@ class CompileOptions:
             raise EdgeloopError(f"--target {self.target} is not available for {self.backend}; "
                                 f"choose one of {', '.join(TARGETS[self.backend])}")
         if self.layout not in LAYOUTS:
-            raise EdgeloopError(f"unknown --layout {self.layout!r}; choose loop or unrolled")
+            raise EdgeloopError(f"unknown --layout {self.layout!r}; choose auto, loop or unrolled")
+        if self.layout == "auto":
+            self.layout = DEFAULT_LAYOUT[self.backend]
         if self.quant not in QUANTS:
             raise EdgeloopError(f"unknown --quant {self.quant!r}; choose one of {', '.join(QUANTS)}")
         if self.block_size not in (16, 32, 64, 128, 256):

@@ -23,13 +23,25 @@ PREFERRED_TILE = 16  # output columns per register tile: two AVX2 vectors / four
 def check_options(options: CompileOptions) -> None:
     if options.layout != "loop":
         raise EdgeloopError("the tvm backend always emits the recursion layout; drop --layout unrolled")
-    if options.quant != "none":
-        raise EdgeloopError(f"--quant {options.quant} is not supported by the tvm backend yet; use --quant none "
+    if options.quant not in ("none", "int4"):
+        raise EdgeloopError(f"--quant {options.quant} is not supported by the tvm backend; use --quant int4 or none, "
                             "or --backend onnxruntime")
+    if options.quant == "int4" and options.quantize_embeddings:
+        raise EdgeloopError("the tvm backend keeps the embedding and LM head float; drop --quantize-embeddings")
     if options.lora_dtype != "float32":
         raise EdgeloopError("the tvm backend stores LoRA in float32; drop --lora-dtype")
     if options.tune_trials:
         raise EdgeloopError("the tvm backend ships tuning-free schedules; drop --tune-trials")
+
+
+def int4_config(options: CompileOptions):
+    """The int4 packing options (quant_pack's, as the ORT backend uses them), or None for fp32."""
+    from edgeloop.compiler.tvm_params import Int4Config
+
+    if options.quant != "int4":
+        return None
+    return Int4Config(block_size=options.block_size, symmetric=options.symmetric, search=options.scale_search,
+                      keep_float=tuple(options.keep_float))
 
 
 def max_context(model: CompileInput) -> int:
@@ -43,7 +55,7 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
     import tvm
 
     from edgeloop.compiler.tvm_graph import GraphBuilder
-    from edgeloop.compiler.tvm_params import build_params, tile_width
+    from edgeloop.compiler.tvm_params import build_params, int4_summary, tile_width
     from edgeloop.compiler.tvm_targets import plan, relax_pipeline
 
     check_options(options)
@@ -51,11 +63,17 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
     target = tvm.target.Target(p.target)
     context = max_context(model)
     tile = tile_width(model.spec, model.recursion, PREFERRED_TILE) if p.cpu else 1
-    params = build_params(model.spec, model.recursion, model.tensors, tile, context)
+    int4 = int4_config(options)
+    params = build_params(model.spec, model.recursion, model.tensors, tile, context, int4)
 
     start = time.perf_counter()
     graph = GraphBuilder(model.spec, model.recursion, params, tile=tile, target=target, cpu_schedules=p.cpu)
     mod = graph.build()
+    if p.cpu:  # the cache's scalar prefill attention -> our vectorized one (tvm_attention)
+        from edgeloop.compiler.tvm_attention import install
+
+        s = model.spec
+        mod = install(mod, h_kv=s.num_kv_heads, h_q=s.num_heads, d=s.head_dim)
     if options.debug_dump:
         (out_dir / "debug").mkdir(exist_ok=True)
         (out_dir / "debug" / "relax.py").write_text(mod.script())
@@ -85,6 +103,7 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
             "runs_on_host": p.runs_here,
         },
         "kernels": sorted(graph.kernels),
+        "quantization": int4_summary(params, int4) if int4 else None,
         "graph": {
             "stages": [{"blocks": list(s.blocks), "repeats": s.repeats, "function": f"stage{i}"}
                       for i, s in enumerate(model.recursion.stages)],

@@ -68,7 +68,7 @@ class GraphBuilder:
         return tvm.IRModule({gv: f for gv, f in mod.functions.items() if not gv.name_hint.endswith("__impl")})
 
     def _params_type(self) -> relax.TupleType:
-        return relax.TupleType([relax.TensorType(a.shape, "float32") for a in self.params.arrays])
+        return relax.TupleType([relax.TensorType(a.shape, str(a.dtype)) for a in self.params.arrays])
 
     def _emit_create_kv_cache(self) -> None:
         s = self.spec
@@ -196,13 +196,31 @@ class GraphBuilder:
 
     def _dense(self, scope: Scope, x, prefix: str, out: int, r, *, lora=None, rank=0, seg_tiles=(0,),
                residual=None, act=None, gated=False, name: str | None = None):
-        w = self._param(scope, prefix if prefix.endswith(".A") else f"{prefix}.W")
+        int4 = self.params.has(f"{prefix}.Wq")
+        w, scale, zero, kwargs = self._weights(scope, prefix)
         bias = self._param(scope, f"{prefix}.bias") if self.params.has(f"{prefix}.bias") else None
         b = self._param(scope, f"{prefix}.B") if lora is not None else None
-        kdim = self.params.shape(prefix if prefix.endswith(".A") else f"{prefix}.W")[-2]
-        kwargs = dict(out_features=out, t=self.t, rank=rank, seg_tiles=seg_tiles, act=act, gated=gated)
-        return self._op(name or prefix.split(".")[-1], ops.dense, [x, w, bias, lora, b, residual, r], kwargs, scope,
-                        lambda sch: sched.schedule_dense(sch, t=self.t, decode=scope.decode, work=out * kdim))
+        kdim = int(x.ty.shape[-1]) if len(x.ty.shape) == 2 else int(x.ty.shape[-1]) * int(x.ty.shape[-2])
+        single = isinstance(x.ty.shape[0], tirx.IntImm) and int(x.ty.shape[0]) == 1  # decode, last-token head
+        rows = 1 if single or not self.cpu else sched.PREFILL_ROWS  # GPUs: dlight tiles, no padding
+        kwargs.update(out_features=out, t=self.t, rank=rank, seg_tiles=seg_tiles, act=act, gated=gated, rows=rows)
+        if int4:
+            name = f"{name}_int4"
+        return self._op(name or prefix.split(".")[-1], ops.dense, [x, w, scale, zero, bias, lora, b, residual, r],
+                        kwargs, scope, lambda sch: sched.schedule_dense(sch, t=self.t, rows=rows, decode=scope.decode,
+                                                                        work=out * kdim, int4=int4))
+
+    def _weights(self, scope: Scope, prefix: str):
+        """(weight, int4 scales, int4 zero points, extra kwargs) of a dense: float, or the int4 triple."""
+        if prefix.endswith(".A"):  # LoRA A stacks are always float
+            return self._param(scope, prefix), None, None, {}
+        if not self.params.has(f"{prefix}.Wq"):
+            return self._param(scope, f"{prefix}.W"), None, None, {}
+        scales = self._param(scope, f"{prefix}.Ws")
+        zeros = self._param(scope, f"{prefix}.Wz") if self.params.has(f"{prefix}.Wz") else None
+        kdim = int(self.params.shape(f"{prefix}.Wq")[-2]) * 2  # padded to whole blocks
+        block = kdim // int(self.params.shape(f"{prefix}.Ws")[-2])
+        return self._param(scope, f"{prefix}.Wq"), scales, zeros, {"block": block}
 
     def _norm(self, scope: Scope, x, prefix: str, r, *, last_only: bool = False) -> relax.Var:
         s = self.spec

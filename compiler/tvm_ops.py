@@ -28,30 +28,59 @@ def _packed(w: te.Tensor, r, o, k, t: int):
     return w[r, o // t, k, o % t]
 
 
-def _row_reader(x: te.Tensor):
-    """x as [s, K] whatever its trailing dims (the attention output is [s, heads, head_dim])."""
+def _int4(codes: te.Tensor, scales: te.Tensor, zeros, o, k, t: int, block: int):
+    """Decoded weight (o, k) of the int4 layout (tvm_params): the nibble of byte k // 2 (even k low),
+    minus its block's zero point (symmetric: 8), times its block's scale. Evaluated inside the
+    matmul's reduction, so the fp32 weight never exists in memory."""
+    byte = codes[o // t, k // 2, o % t].astype("int32")
+    code = ((byte >> ((k % 2) * 4).astype("int32")) & 15).astype("float32")
+    zero = zeros[o // t, k // block, o % t] if zeros is not None else tirx.const(8.0, "float32")
+    return (code - zero) * scales[o // t, k // block, o % t]
+
+
+def _row_reader(x: te.Tensor, clamp: bool = False):
+    """x as [s, K] whatever its trailing dims (the attention output is [s, heads, head_dim]).
+    clamp: rows past the end read the last row (for matmuls padded to whole register tiles)."""
+    last = x.shape[0] - 1
+    row = (lambda i: tirx.min(i, last)) if clamp else (lambda i: i)
     if len(x.shape) == 2:
-        return lambda i, k: x[i, k]
+        return lambda i, k: x[row(i), k]
     d = x.shape[2]
-    return lambda i, k: x[i, k // d, k % d]
+    return lambda i, k: x[row(i), k // d, k % d]
+
+
+def _padded_rows(s, rows: int):
+    """s rounded up to whole tiles of `rows`: the tiled loops then need no bounds check, which is
+    what lets the accumulators stay in registers (a predicated tile ran 3x slower)."""
+    return s if rows == 1 else (s + rows - 1) // rows * rows
 
 
 def _in_features(x: te.Tensor):
     return x.shape[1] if len(x.shape) == 2 else x.shape[1] * x.shape[2]
 
 
-def dense(x, w, bias, lora_t, lora_b, residual, r, *, out_features: int, t: int, rank: int = 0,
-          seg_tiles: tuple[int, ...] = (0,), act: str | None = None, gated: bool = False):
+def dense(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, *, out_features: int, t: int, rank: int = 0,
+          seg_tiles: tuple[int, ...] = (0,), act: str | None = None, gated: bool = False, block: int = 0,
+          rows: int = 1):
     """y = x W^T (+ bias[r]) (+ lora_t B[r]^T per member) (+ residual), then act / act(gate) * up.
 
-    x [s, K]; w packed [O/T, K, T] (or a stack [R, O/T, K, T], e.g. LoRA A); lora_t [s, members*rank]
-    is x A^T of the group; lora_b packed [R, O/T, rank, T]; seg_tiles: first tile of each member.
+    x [s, K]; w packed [O/T, K, T] (or a stack [R, O/T, K, T], e.g. LoRA A), or with w_scale the int4
+    codes [O/T, Kp/2, T] with scales (and zero points, None if symmetric) [O/T, K/block, T];
+    lora_t [s, members*rank] is x A^T of the group; lora_b packed [R, O/T, rank, T]; seg_tiles:
+    first tile of each member. rows: the schedule's register-tile height; the matmul and LoRA-B
+    products are computed for s rounded up to it (the extra rows repeat the last and are dropped).
     """
     s, kdim, out = x.shape[0], _in_features(x), out_features
     padded = -(-out // t) * t  # whole tiles: the matmul loops carry no tail predicate
-    xr = _row_reader(x)
+    sp = _padded_rows(s, rows)
+    xr = _row_reader(x, clamp=rows > 1)
+    lt_row = (lambda i: tirx.min(i, s - 1)) if rows > 1 else (lambda i: i)
     k = te.reduce_axis((0, kdim), name="k")
-    y = te.compute((s, padded), lambda i, o: te.sum(xr(i, k) * _packed(w, r, o, k, t), axis=k), name="matmul")
+    if w_scale is None:
+        weight = lambda o, k: _packed(w, r, o, k, t)  # noqa: E731
+    else:
+        weight = lambda o, k: _int4(w, w_scale, w_zero, o, k, t, block)  # noqa: E731
+    y = te.compute((sp, padded), lambda i, o: te.sum(xr(i, k) * weight(o, k), axis=k), name="matmul")
     terms = [lambda i, o: y[i, o]]
     if bias is not None:
         terms.append(lambda i, o: bias[r, o])
@@ -61,8 +90,8 @@ def dense(x, w, bias, lora_t, lora_b, residual, r, *, out_features: int, t: int,
         def member(tile):  # which member of the group an output tile belongs to
             return reduce(lambda acc, st: acc + tirx.if_then_else(tile >= st, 1, 0), seg_tiles[1:], tirx.const(0, "int64"))
 
-        lb = te.compute((s, padded), lambda i, o: te.sum(
-            lora_t[i, member(o // t) * rank + j] * lora_b[r, o // t, j, o % t], axis=j), name="lora_b")
+        lb = te.compute((sp, padded), lambda i, o: te.sum(
+            lora_t[lt_row(i), member(o // t) * rank + j] * lora_b[r, o // t, j, o % t], axis=j), name="lora_b")
         terms.append(lambda i, o: lb[i, o])
     if residual is not None:
         terms.append(lambda i, o: residual[i, o])

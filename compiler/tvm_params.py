@@ -12,14 +12,22 @@ in numpy, at compile time (STYLE rule 3):
   tile reads the rank slice of its own member (``seg(o // T) * rr + j``).
 - Vectors (norm weights and biases, linear biases) are always ``[R, n]`` stacks, R = repeats of
   the block's stage (shared vectors are broadcast), so the graph selects them by repeat index.
+- int4 (`Int4Config`): each shared group matrix is packed by `compiler/quant_pack.quantize_blocks`
+  (the ORT MatMulNBits layout, same options) and only *re-tiled* here, never re-encoded: its
+  code bytes ``[N, n_blocks * bs / 2]`` (byte j = codes of k = 2j, low nibble, and 2j + 1) become
+  ``Wq [N/T, Kp/2, T]`` uint8, its scales ``Ws [N/T, n_blocks, T]`` and (asymmetric) its zero
+  points ``Wz [N/T, n_blocks, T]``. Padded output columns get scale 0, so they add nothing.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeloop.compiler import quant_pack as qp
 from edgeloop.spec import ModelSpec, Recursion, rope_tables
 
 
@@ -79,16 +87,34 @@ def pack_matrix(w: np.ndarray, t: int) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(w, -1, -2))
 
 
+@dataclass(frozen=True)
+class Int4Config:
+    """--quant int4 options, passed unchanged to `quant_pack.quantize_blocks`."""
+
+    block_size: int = 32
+    symmetric: bool = True
+    search: bool = True
+    keep_float: tuple[str, ...] = ()  # globs over "b{u}.{group}.W" (the ORT names) or "blocks.{u}.{group}"
+
+    def keeps(self, u: int, group: str) -> bool:
+        names = (f"b{u}.{group}.W", f"blocks.{u}.{group}")
+        return any(fnmatch.fnmatchcase(n, pat) for n in names for pat in self.keep_float)
+
+
 @dataclass
 class ParamTable:
     """Ordered graph parameters: names, arrays and the index of each name."""
 
     names: list[str] = field(default_factory=list)
     arrays: list[np.ndarray] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)  # int4 group matrices ("blocks.0.qkv")
+    kept_float: list[str] = field(default_factory=list)
+    sq_error: dict[str, float] = field(default_factory=lambda: {"chosen": 0.0, "norm": 0.0})
 
     def add(self, name: str, array: np.ndarray) -> None:
         self.names.append(name)
-        self.arrays.append(np.ascontiguousarray(array, dtype=np.float32))
+        dtype = np.uint8 if array.dtype == np.uint8 else np.float32  # int4 codes stay bytes
+        self.arrays.append(np.ascontiguousarray(array, dtype=dtype))
 
     def index(self, name: str) -> int:
         return self.names.index(name)
@@ -106,7 +132,7 @@ def _stacked_vector(tensors: dict, key: str, repeats: int, per_depth: bool) -> n
 
 
 def build_params(spec: ModelSpec, recursion: Recursion, tensors: dict[str, np.ndarray], t: int,
-                 max_context: int) -> ParamTable:
+                 max_context: int, int4: Int4Config | None = None) -> ParamTable:
     """Every tensor the graph reads, laid out for it."""
     p = ParamTable()
     embed = tensors["embed.weight"]
@@ -121,11 +147,12 @@ def build_params(spec: ModelSpec, recursion: Recursion, tensors: dict[str, np.nd
     p.add("rope.cos", cos)
     p.add("rope.sin", sin)
     for u in range(recursion.num_blocks):
-        _add_block(p, spec, recursion, tensors, u, t)
+        _add_block(p, spec, recursion, tensors, u, t, int4)
     return p
 
 
-def _add_block(p: ParamTable, spec: ModelSpec, recursion: Recursion, tensors: dict, u: int, t: int) -> None:
+def _add_block(p: ParamTable, spec: ModelSpec, recursion: Recursion, tensors: dict, u: int, t: int,
+               int4: Int4Config | None) -> None:
     reps, per_depth = recursion.repeats_of_block(u), recursion.per_depth_vectors
     pre = f"blocks.{u}"
     for name in ("input_norm.weight", "input_norm.bias", "post_norm.weight", "post_norm.bias",
@@ -134,7 +161,12 @@ def _add_block(p: ParamTable, spec: ModelSpec, recursion: Recursion, tensors: di
             p.add(f"{pre}.{name}", _stacked_vector(tensors, f"{pre}.{name}", reps, per_depth))
     for g in linear_groups(spec, recursion):
         w = np.concatenate([tensors[f"{pre}.{n}.weight"] for n, _ in g.members], axis=0)
-        p.add(f"{pre}.{g.name}.W", pack_matrix(w, t))
+        if int4 is not None and not int4.keeps(u, g.name):
+            _add_int4(p, f"{pre}.{g.name}", w, t, int4)
+        else:
+            if int4 is not None:
+                p.kept_float.append(f"{pre}.{g.name}")
+            p.add(f"{pre}.{g.name}.W", pack_matrix(w, t))
         if g.bias:
             p.add(f"{pre}.{g.name}.bias", np.concatenate(
                 [_stacked_vector(tensors, f"{pre}.{n}.bias", reps, per_depth) for n, _ in g.members], axis=-1))
@@ -157,3 +189,26 @@ def _group_lora(tensors: dict, pre: str, g: Group, reps: int) -> tuple[np.ndarra
         a[:, m * rr:m * rr + r] = la
         b[:, start:start + out, :r] = lb
     return a, b
+
+
+def _add_int4(p: ParamTable, prefix: str, w: np.ndarray, t: int, cfg: Int4Config) -> None:
+    """W [out, in] -> quant_pack's MatMulNBits packing, re-tiled to Wq / Ws (/ Wz) (module docstring)."""
+    packed = qp.quantize_blocks(np.asarray(w, np.float32).T, bits=4, block_size=cfg.block_size,
+                                symmetric=cfg.symmetric, search=cfg.search)
+    n, nb = packed.n, packed.n_blocks
+    p.add(f"{prefix}.Wq", pack_matrix(packed.data.reshape(n, -1), t))
+    p.add(f"{prefix}.Ws", pack_matrix(packed.scales.reshape(n, nb), t))
+    if packed.zero_points is not None:
+        p.add(f"{prefix}.Wz", pack_matrix(qp.unpack_zero_points(packed.zero_points, 4, n, nb), t))
+    p.quantized.append(prefix)
+    p.sq_error["chosen"] += float(((qp.dequantize_blocks(packed) - w.T) ** 2).sum())
+    p.sq_error["norm"] += float((np.asarray(w, np.float64) ** 2).sum())
+
+
+def int4_summary(p: ParamTable, cfg: Int4Config) -> dict:
+    """The manifest's "quantization" section (same keys as the ORT backend where they apply)."""
+    err = p.sq_error
+    return {"scheme": "int4", "schemes_by_kind": {"shared": "int4-block"}, "block_size": cfg.block_size,
+            "symmetric": cfg.symmetric, "scale_search": cfg.search, "compute": "float32 (codes decoded in the matmul)",
+            "quantized_weights": sorted(p.quantized), "kept_float": sorted(p.kept_float), "lora_dtype": "float32",
+            "rel_error": round(math.sqrt(err["chosen"] / err["norm"]), 6) if err["norm"] else 0.0}

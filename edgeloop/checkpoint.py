@@ -110,6 +110,9 @@ def hf_weight_files(path: Path) -> list[Path]:
 def read_hf_spec(path: Path) -> tuple[dict, ModelSpec]:
     path = require_dir(Path(path), "checkpoint directory")
     config = read_json(path / "config.json", "config.json of the checkpoint")
+    if config.get("format") == FORMAT:
+        raise EdgeloopError(f"{path} is already an edgeloop model dir; convert takes a Hugging Face checkpoint "
+                            "(compile or run this one directly)")
     family = family_for_model_type(config.get("model_type"))
     try:
         spec = get_family(family).spec_from_config(config)

@@ -112,7 +112,8 @@ def compile_cmd(
     backend: str = typer.Option("onnxruntime", help="onnxruntime | tvm"),
     target: str = typer.Option("cpu", help="onnxruntime: cpu | cuda | mobile; tvm: cpu | cuda | android-cpu | "
                                            "android-opencl | ios-metal | webgpu"),
-    layout: str = typer.Option("loop", help="loop (shared block once, inside a Loop) | unrolled"),
+    layout: str = typer.Option("auto", help="auto (the faster per backend: unrolled on onnxruntime) | loop "
+                                            "(shared block once, inside a Loop) | unrolled"),
     quant: str = typer.Option("none", help="none | int8 | int4 (shared block weights)"),
     block_size: int = typer.Option(32, help="int4 block size: 32 | 64 | 128"),
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="int4 without (default) or with zero points"),

@@ -88,13 +88,14 @@ def measure_decode(model, context: int, steps: int, seed: int) -> float:
 def peak_rss_mb(path: str, config: BenchConfig) -> float:
     """Peak resident memory of a fresh process that loads `path` and runs a prefill + decode."""
     code = (
-        "import sys, resource, numpy as np\n"
+        "import sys, numpy as np\n"
         "from edgeloop.runtimes.bench import _load, _tokens\n"
         f"m = _load({path!r}, {config.threads!r})\n"
         "s = m.backend.new_state()\n"
         f"m.backend.step(s, _tokens(m, {config.prefill_tokens}, 0))\n"
         "for t in _tokens(m, 8, 1): m.backend.step(s, t.reshape(1))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss across fork + exec
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode != 0:

@@ -61,6 +61,7 @@ class OrtBackend:
         except Exception as e:  # ORT raises its own exception types for unreadable models
             raise EdgeloopError(f"onnxruntime cannot load {self.path / file}: {str(e).splitlines()[0]}") from None
         self.kv_heads, self.head_dim = io["kv_heads"], io["head_dim"]
+        self.inplace = bool(io.get("kv_inplace", False))  # the graph writes into our buffers itself
         self.num_loops: int | None = None  # None: the graph default (all loops)
 
     # -- state -------------------------------------------------------------------------------
@@ -92,27 +93,39 @@ class OrtBackend:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self, state: OrtState, tokens: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+        import onnxruntime as ort
+
         tokens = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(1, -1))
         t = tokens.shape[1]
         if state.length + t > self.max_context:
             raise EdgeloopError(f"{state.length + t} tokens exceed the model context of {self.max_context}")
+        if self.inplace:
+            self._reserve(state, state.length + t)  # the graph appends at past_len: room first
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", tokens)
         binding.bind_cpu_input("past_len", np.array(state.length, dtype=np.int64))
         binding.bind_cpu_input("num_logits", np.array(t if all_logits else 1, dtype=np.int64))
         loops = self.default_loops if self.num_loops is None else self.num_loops
         binding.bind_cpu_input("num_loops", np.array(loops, dtype=np.int64))
-        for entry in self.kv_entries:
-            keys, values = state.kv[entry["id"]]
-            binding.bind_cpu_input(entry["past_key"], keys)
-            binding.bind_cpu_input(entry["past_value"], values)
         binding.bind_output("logits")
         for entry in self.kv_entries:
-            binding.bind_output(entry["present_key"])
-            binding.bind_output(entry["present_value"])
+            keys, values = state.kv[entry["id"]]
+            if self.inplace:  # past and present are one buffer
+                for buf, past, present in ((keys, "past_key", "present_key"), (values, "past_value", "present_value")):
+                    value = ort.OrtValue.ortvalue_from_numpy(buf)
+                    binding.bind_ortvalue_input(entry[past], value)
+                    binding.bind_ortvalue_output(entry[present], value)
+            else:
+                binding.bind_cpu_input(entry["past_key"], keys)
+                binding.bind_cpu_input(entry["past_value"], values)
+                binding.bind_output(entry["present_key"])
+                binding.bind_output(entry["present_value"])
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()[0]
+        if self.inplace:
+            state.length += t
+            return logits.astype(np.float32, copy=False)
         # Write the new tokens' K/V into the host buffers (grown first if needed).
         self._reserve(state, state.length + t)
         for i, entry in enumerate(self.kv_entries):

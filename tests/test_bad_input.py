@@ -106,7 +106,7 @@ def test_inspect_model_dir_and_artifact(converted, tmp_path):
     assert r.returncode == 0 and info["loops"] == 2 and info["unique_blocks"] == 2
     assert info["params"]["lora"] == 2 * 2 * 8 * sum(o + i for o, i in [(64, 64), (32, 64), (32, 64), (64, 64),
                                                                        (128, 64), (128, 64), (64, 128)])
-    edgeloop.compile(model_dir, tmp_path / "art")
+    edgeloop.compile(model_dir, tmp_path / "art", layout="loop")
     r = run_cli("inspect", tmp_path / "art", "--json")
     info = json.loads(r.stdout)
     assert info["kind"] == "edgeloop artifact" and info["graph"]["loops"] == 1

@@ -121,7 +121,7 @@ def test_int4_loop_and_unrolled_match_dequantized_reference(converted, tmp_path,
 
 
 def test_loop_body_reads_packed_outer_scope_weights(converted, tmp_path):
-    manifest = edgeloop.compile(converted("llama", loops=4, lora_rank=8), tmp_path / "a", quant="int4")
+    manifest = edgeloop.compile(converted("llama", loops=4, lora_rank=8), tmp_path / "a", quant="int4", layout="loop")
     graph = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph
     body = next(a.g for n in graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body")
     nbits = [n for n in body.node if n.op_type == "MatMulNBits"]
@@ -213,3 +213,15 @@ def test_cli_reports_quality(bundled_model, tmp_path):
                 tmp_path / "missing.txt")
     assert r.returncode == 2 and "--calibration-text" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("preset", sorted(__import__("edgeloop.presets").presets.TINY))
+def test_every_family_quantizes_runs_and_reports_quality(converted, tmp_path, preset):
+    model_dir = converted(preset, loops=2, lora_rank=8)
+    for quant in ("int8", "int4"):
+        manifest = edgeloop.compile(model_dir, tmp_path / quant, quant=quant, quantize_embeddings=quant == "int4")
+        quality = manifest["quality"]
+        # random weights on random ids: only sanity here; the quality bars use the trained model
+        assert 0 <= quality["mean_kl"] < 0.1 and 0.5 < quality["top1_agreement"] <= 1, quality
+        model = edgeloop.load(tmp_path / quant)
+        assert len(model.generate_tokens([5, 6, 7], max_new_tokens=4, ignore_eos=True)) == 4

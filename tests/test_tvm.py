@@ -1,6 +1,7 @@
-"""TVM backend: every family's recursive model compiled for CPU matches the PyTorch reference.
+"""TVM backend: every family's recursive model compiled for CPU matches the PyTorch reference,
+and the int4 artifact matches the reference running the same dequantized weights.
 
-Artifacts are compiled once per session (about 8 s each on 2 cores) and shared by the tests.
+Artifacts are compiled once per session (about 8-12 s each on 2 cores) and shared by the tests.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ def tvm_compiled(tmp_path_factory):
     cache: dict[tuple, object] = {}
     root = tmp_path_factory.mktemp("tvm")
 
-    def make(model_dir, target: str = "cpu"):
-        key = (str(model_dir), target)
+    def make(model_dir, target: str = "cpu", **options):
+        key = (str(model_dir), target, tuple(sorted(options.items())))
         if key not in cache:
             out = root / f"a{len(cache)}-{target}"
-            compile_model(model_dir, out, backend="tvm", target=target)
+            compile_model(model_dir, out, backend="tvm", target=target, **options)
             cache[key] = out
         return cache[key]
 
@@ -41,8 +42,8 @@ def _ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, n)
 
 
-def _assert_parity(model_dir, artifact):
-    ref, art = edgeloop.load(model_dir), edgeloop.load(artifact)
+def _assert_parity(model_dir, artifact, ref=None):
+    ref, art = ref or edgeloop.load(model_dir), edgeloop.load(artifact)
     ids = _ids(PROMPT + DECODE_STEPS, ref.backend.vocab_size)
     # prefill: every position's logits
     np.testing.assert_allclose(art.logits(ids[:PROMPT]), ref.logits(ids[:PROMPT]), atol=TOL, rtol=0)
@@ -102,15 +103,56 @@ def test_context_limit(converted, tvm_compiled):
         art.backend.step(state, np.zeros(art.backend.max_context + 1, dtype=np.int64))
 
 
-@pytest.mark.parametrize("target", CROSS_TARGETS)
-def test_cross_target_compiles(target, converted, tvm_compiled):
-    artifact = tvm_compiled(converted("llama", loops=2, lora_rank=8), target)
+def _dequantized_reference(model_dir, **q):
+    """The PyTorch reference running exactly the weights the int4 artifact decodes: every shared
+    block linear through quant_pack's packing and back (fused groups quantize column by column,
+    so quantizing each member alone gives the same values)."""
+    from edgeloop.checkpoint import read_model_dir
+    from edgeloop.compiler import quant_pack as qp
+    from edgeloop.reference import ReferenceBackend, ReferenceModel
+    from edgeloop.runtimes.model import Model
+
+    md = read_model_dir(model_dir)
+    tensors, linears = dict(md.tensors), set(md.spec.linear_shapes())
+    for name, w in md.tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blocks" and len(parts) == 4 and parts[2] in linears and parts[3] == "weight":
+            tensors[name] = qp.dequantize_blocks(qp.quantize_blocks(w.T, bits=4, **q)).T  # stored [out, in]
+    return Model(ReferenceBackend(ReferenceModel(md.spec, md.recursion, tensors)), model_dir, {})
+
+
+# llama: the compile defaults (symmetric, scale search); qwen2: biases, asymmetric zero points, 16-blocks
+@pytest.mark.parametrize("preset,q", [("llama", dict(block_size=32, symmetric=True, search=True)),
+                                      ("qwen2", dict(block_size=16, symmetric=False, search=False))])
+def test_int4_matches_dequantized_reference(preset, q, converted, tvm_compiled):
+    model_dir = converted(preset, loops=2, lora_rank=8)
+    artifact = tvm_compiled(model_dir, quant="int4", block_size=q["block_size"], symmetric=q["symmetric"],
+                            scale_search=q["search"])
+    manifest = edgeloop.load(artifact).description
+    quant = manifest["quantization"]
+    assert quant["block_size"] == q["block_size"] and quant["symmetric"] == q["symmetric"]
+    assert {w.split(".")[-1] for w in quant["quantized_weights"]} == {"down", "gate_up", "o", "qkv"}
+    names = manifest["io"]["param_names"]
+    assert "blocks.0.qkv.Wq" in names and "blocks.0.qkv.W" not in names  # no fp32 copy of a packed weight
+    assert ("blocks.0.qkv.Wz" in names) != q["symmetric"] and "blocks.0.qkv.A" in names  # LoRA stays float
+    # one fused decode-inside-matmul kernel per group and mode, no separate decode kernel
+    assert {"qkv_int4_decode", "down_int4_prefill"} <= set(manifest["kernels"])
+    _assert_parity(model_dir, artifact, ref=_dequantized_reference(model_dir, **q))
+
+
+# cross targets: int4 on the CPU-schedule path and two GPU paths, fp32 on the others
+@pytest.mark.parametrize("target,quant", [("cuda", "int4"), ("android-cpu", "int4"), ("ios-metal", "int4"),
+                                          ("android-opencl", "none"), ("webgpu", "none")])
+def test_cross_target_compiles(target, quant, converted, tvm_compiled):
+    assert {target} <= set(CROSS_TARGETS)
+    artifact = tvm_compiled(converted("llama", loops=2, lora_rank=8), target, quant=quant)
     assert (artifact / "model.tar").stat().st_size > 0 and (artifact / "params.bin").is_file()
     with pytest.raises(EdgeloopError, match="--target cpu"):
         edgeloop.load(artifact)
 
 
-@pytest.mark.parametrize("option", [dict(quant="int8"), dict(layout="unrolled"), dict(tune_trials=4)])
+@pytest.mark.parametrize("option", [dict(quant="int8"), dict(quant="int4", quantize_embeddings=True),
+                                    dict(layout="unrolled"), dict(tune_trials=4)])
 def test_unsupported_options_fail_clearly(option, converted, tmp_path):
     with pytest.raises(EdgeloopError):
         compile_model(converted("llama", loops=2, lora_rank=8), tmp_path / "out", backend="tvm", **option)
