@@ -41,7 +41,10 @@ def finish_onnx(g, io: dict, model, options, out_dir: Path) -> dict:
         # casts for kernels the CPU lacks, so CUDA artifacts are optimized when the session loads.
         if options.optimize and options.target != "cuda":
             optimization = "extended"
-            optimize_offline(src, out_dir / MODEL_FILE, optimization)
+            # Constant folding would turn fp16-stored LoRA (+ Cast) back into fp32 initializers.
+            keep_fp16 = options.lora_dtype != "float32"
+            optimize_offline(src, out_dir / MODEL_FILE, optimization,
+                             disabled=["ConstantFolding"] if keep_fp16 else None)
         else:
             shutil.copy2(src, out_dir / MODEL_FILE)
             shutil.copy2(work / DATA_FILE, out_dir / DATA_FILE)
@@ -87,7 +90,7 @@ def save(proto: onnx.ModelProto, path: Path) -> None:
                     location=DATA_FILE, size_threshold=1024)
 
 
-def optimize_offline(src: Path, dst: Path, level: str) -> None:
+def optimize_offline(src: Path, dst: Path, level: str, disabled: list[str] | None = None) -> None:
     """Let ORT apply its graph optimizations once, at compile time, and save the result."""
     import onnxruntime as ort
 
@@ -98,7 +101,7 @@ def optimize_offline(src: Path, dst: Path, level: str) -> None:
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
-        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled or [])
     except Exception as e:  # ORT raises its own exception types
         raise RuntimeError(f"onnxruntime could not load the graph edgeloop built: {e}") from e
 

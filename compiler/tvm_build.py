@@ -80,7 +80,8 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
     try:
         executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(p, target))
     except Exception as e:  # noqa: BLE001 - surface TVM's failure as one actionable line
-        raise EdgeloopError(f"TVM could not compile for --target {options.target}: {str(e).splitlines()[-1][:300]}; "
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+        raise EdgeloopError(f"TVM could not compile for --target {options.target}: {reason}; "
                             "try --target cpu or report the model config") from e
     compile_s = time.perf_counter() - start
     executable.export_library(str(out_dir / p.library))

@@ -174,3 +174,18 @@ def test_vanilla_checkpoint_compiles_directly(hf_checkpoint, tmp_path, preset):
         edgeloop.compile(hf_checkpoint(preset), out, layout=layout)
         model = edgeloop.load(out)
         assert np.abs(_stepwise_logits(model, IDS) - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["loop", "unrolled"])
+def test_float16_lora_storage_is_kept(converted, tmp_path, layout):
+    model_dir = converted("llama", loops=2, lora_rank=8)
+    sizes, logits = {}, {}
+    for dtype in ("float32", "float16"):
+        out = tmp_path / dtype
+        manifest = edgeloop.compile(model_dir, out, layout=layout, lora_dtype=dtype)
+        sizes[dtype] = manifest["files"]["model.onnx.data"]["bytes"]
+        logits[dtype] = edgeloop.load(out).logits(IDS)
+        lora_bytes = manifest["graph"]["bytes_by_kind"]["lora"]
+    # the LoRA halves on disk (offline optimization must not fold the Casts back to fp32)
+    assert sizes["float32"] - sizes["float16"] >= 0.9 * lora_bytes
+    assert np.abs(logits["float32"] - logits["float16"]).max() < 1e-2
