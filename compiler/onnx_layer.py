@@ -11,6 +11,7 @@ per part (no zero-padded block-diagonal B).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,7 @@ def prepare_block(spec: ModelSpec, recursion: Recursion, tensors: dict, u: int) 
 # weight accessors
 
 
-class LayerWeights:
+class LayerWeights(ABC):
     """Names, in the graph being built, of what one depth position reads."""
 
     def __init__(self, g: GraphBuilder, spec: ModelSpec, recursion: Recursion, block: int,
@@ -78,11 +79,9 @@ class LayerWeights:
             self.g.initializer(name, self.prepared[key].astype(self.g.float_dtype), "shared")
         return name
 
-    def has(self, key: str) -> bool:
-        return key in self.prepared
-
+    @abstractmethod
     def per_depth(self, key: str) -> str:
-        raise NotImplementedError
+        """This depth's slice of a per-depth tensor (LoRA factor, norm vector, bias)."""
 
     def vector(self, key: str) -> str | None:
         if key not in self.prepared:
@@ -100,14 +99,6 @@ class LayerWeights:
         parts = [(p, self.per_depth(f"{group.name}.B.{p}"), self.prepared[f"{group.name}.B.{p}"].shape[1])
                  for p in group.parts if f"{group.name}.B.{p}" in self.prepared]
         return a, parts
-
-    def _store_stack(self, key: str) -> str:
-        name = f"b{self.block}.{key}.stack"
-        if name not in self.g.root.initializers:
-            kind = "lora" if ".A" in key or ".B." in key else "per_depth"
-            dtype = self.lora_dtype if kind == "lora" else self.g.float_dtype
-            self.g.initializer(name, self.prepared[key].astype(dtype), kind)
-        return name
 
     def _to_float(self, name: str, key: str) -> str:
         is_lora = ".A" in key or ".B." in key

@@ -51,6 +51,25 @@ def max_context(model: CompileInput) -> int:
     return min(spec.max_position, spec.sliding_window or spec.max_position)
 
 
+def write_device_sources(executable, out_dir: Path) -> list[str]:
+    """Save the generated CUDA source next to the library (as model.cu), so it can be checked
+    with nvcc and read, even on machines without a GPU or driver."""
+    written = []
+    seen, stack = set(), [executable.mod]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        stack.extend(module.imports)
+        if module.kind == "cuda":
+            source = module.inspect_source()
+            name = "model.cu" if not written else f"model{len(written)}.cu"
+            (out_dir / name).write_text(source)
+            written.append(name)
+    return written
+
+
 def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
     import tvm
 
@@ -85,12 +104,14 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
                             "try --target cpu or report the model config") from e
     compile_s = time.perf_counter() - start
     executable.export_library(str(out_dir / p.library))
+    device_sources = write_device_sources(executable, out_dir)
     tvm.runtime.save_param_dict_to_file({n: tvm.runtime.tensor(a) for n, a in zip(params.names, params.arrays)},
                                         str(out_dir / PARAMS_FILE))
 
     chunk = min(context, 1024)
     return {
         "layout": "recursion",
+        "device_sources": device_sources,
         "io": {
             "library": p.library,
             "params": PARAMS_FILE,

@@ -156,3 +156,19 @@ def test_cross_target_compiles(target, quant, converted, tvm_compiled):
 def test_unsupported_options_fail_clearly(option, converted, tmp_path):
     with pytest.raises(EdgeloopError):
         compile_model(converted("llama", loops=2, lora_rank=8), tmp_path / "out", backend="tvm", **option)
+
+
+def test_cuda_source_compiles_with_nvcc(tmp_path, converted):
+    """No GPU here: the generated CUDA source is at least checked by nvcc for sm_90."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed; the CUDA artifact is built but its source is not compiled")
+    manifest = edgeloop.compile(converted("llama", loops=2, lora_rank=8), tmp_path / "cu", backend="tvm",
+                                target="cuda")
+    assert manifest["device_sources"] == ["model.cu"]
+    r = subprocess.run([nvcc, "-c", str(tmp_path / "cu" / "model.cu"), "-arch=sm_90", "-o", str(tmp_path / "m.o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
