@@ -235,6 +235,7 @@ def run(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()  # the text ends before the timings start on a shared terminal
     s = model.last_stats
     err.print(f"[dim]{s.prompt_tokens} prompt tokens, {s.new_tokens} new ({s.finish_reason}) | "
               f"time to first token {s.prefill_s * 1000:.1f} ms | prefill {s.prefill_tok_s:.1f} tok/s | "
