@@ -16,10 +16,7 @@ from pathlib import Path
 
 from edgeloop.checkpoint import copy_tokenizer_files
 from edgeloop.fileio import atomic_output_dir, sha256_file, write_json
-
-FORMAT = "edgeloop-artifact"
-FORMAT_VERSION = 1
-MANIFEST = "edgeloop.json"
+from edgeloop.runtimes.artifact import FORMAT, FORMAT_VERSION, MANIFEST
 
 
 def write_artifact(out: Path, model, options, build, *, overwrite: bool = False) -> dict:

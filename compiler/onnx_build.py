@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from edgeloop.compiler.loading import CompileInput
-from edgeloop.compiler.onnx_graph import DTYPES, GraphBuilder
+from edgeloop.compiler.onnx_graph import GraphBuilder
 from edgeloop.compiler.onnx_layer import (AttentionInputs, DepthWeights, LoopWeights, emit_layer, prepare_block)
 from edgeloop.compiler.options import CompileOptions
 from edgeloop.spec import ModelSpec, Recursion, rope_tables
@@ -248,6 +248,3 @@ def graph_stats(model: onnx.ModelProto, kinds: dict[str, str]) -> dict:
         "ops": dict(Counter(n.op_type for n in main.node) + Counter(n.op_type for b in bodies for n in b.node)),
     }
 
-
-def dtype_enum(dtype) -> int:
-    return DTYPES[np.dtype(dtype)]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from edgeloop.errors import EdgeloopError
 from edgeloop.fileio import require_dir
+from edgeloop.runtimes.artifact import MANIFEST as ARTIFACT_MANIFEST
 
-ARTIFACT_MANIFEST = "edgeloop.json"
 
 
 def load(path: str | Path, **backend_options):

@@ -207,10 +207,6 @@ class ModelDir:
     generation: dict
     source: dict
 
-    @property
-    def has_tokenizer(self) -> bool:
-        return (self.path / "tokenizer.json").is_file()
-
 
 def vanilla_recursion(spec: ModelSpec) -> Recursion:
     return Recursion(sharing="none", loops=1, init="lower", stages=(Stage(tuple(range(spec.num_layers)), 1),),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeloop.errors import EdgeloopError
-from edgeloop.fileio import dir_size, read_json, require_dir
+from edgeloop.fileio import dir_size, require_dir
 from edgeloop.params import count_params
 from edgeloop.spec import ModelSpec, Recursion
 
@@ -34,8 +34,9 @@ def describe_model(spec: ModelSpec, recursion: Recursion) -> dict:
 
 def inspect_path(path: str | Path) -> dict:
     path = require_dir(Path(path), "path to inspect")
-    if (path / "edgeloop.json").is_file():
-        from edgeloop.runtimes.artifact import describe_artifact
+    from edgeloop.runtimes.artifact import MANIFEST, describe_artifact
+
+    if (path / MANIFEST).is_file():
 
         return describe_artifact(path)
     if not (path / "config.json").is_file():
@@ -54,6 +55,3 @@ def inspect_path(path: str | Path) -> dict:
     return {"path": str(path), "kind": kind, **describe_model(spec, recursion), "files": files,
             "total_bytes": dir_size(path)}
 
-
-def read_manifest(path: Path) -> dict:
-    return read_json(Path(path) / "edgeloop.json", "artifact manifest edgeloop.json")
