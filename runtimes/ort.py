@@ -32,6 +32,7 @@ class OrtBackend:
                  use_ort_format: bool | None = None, spinning: bool = False):
         import onnxruntime as ort
 
+        self._ort = ort
         self.path, self.manifest = Path(path), manifest
         io = manifest["io"]
         self.io = io
@@ -93,8 +94,6 @@ class OrtBackend:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self, state: OrtState, tokens: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
-        import onnxruntime as ort
-
         tokens = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(1, -1))
         t = tokens.shape[1]
         if state.length + t > self.max_context:
@@ -112,7 +111,7 @@ class OrtBackend:
             keys, values = state.kv[entry["id"]]
             if self.inplace:  # past and present are one buffer
                 for buf, past, present in ((keys, "past_key", "present_key"), (values, "past_value", "present_value")):
-                    value = ort.OrtValue.ortvalue_from_numpy(buf)
+                    value = self._ort.OrtValue.ortvalue_from_numpy(buf)
                     binding.bind_ortvalue_input(entry[past], value)
                     binding.bind_ortvalue_output(entry[present], value)
             else:
