@@ -219,10 +219,14 @@ class ChatSession:
         self.cached: list[int] = []  # tokens whose KV is in self.state
 
     def send_stream(self, text: str, **options) -> Iterator[str]:
-        self.messages.append({"role": "user", "content": text})
-        prompt = self.model.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
-        ids = self.model.tokenizer.encode(prompt)
         config = self.model.generation_config(**{**self.options, **options})
+        messages = self.messages + [{"role": "user", "content": text}]
+        prompt = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.model.tokenizer.encode(prompt)
+        if len(ids) + 1 >= self.model.backend.max_context:  # checked before anything changes
+            raise EdgeloopError(f"the conversation has {len(ids)} tokens, the context holds "
+                                f"{self.model.backend.max_context}; start a new chat")
+        self.messages = messages
         common = 0
         for a, b in zip(self.cached, ids):
             if a != b:
@@ -230,9 +234,6 @@ class ChatSession:
             common += 1
         common = min(common, len(ids) - 1)  # always feed at least one token to get logits
         self.model.backend.rewind(self.state, common)
-        if len(ids) + 1 >= self.model.backend.max_context:
-            raise EdgeloopError(f"the conversation has {len(ids)} tokens, the context holds "
-                                f"{self.model.backend.max_context}; start a new chat")
         produced: list[int] = []
 
         def tokens():

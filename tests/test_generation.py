@@ -163,3 +163,12 @@ def test_chat_cli_session(full_rank):
                        env={**os.environ})
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("in cache") == 2  # two turns, the cache kept between them
+
+
+def test_chat_too_long_keeps_the_conversation(full_rank):
+    chat = full_rank.chat(max_new_tokens=4, ignore_eos=True)
+    chat.send("hi")
+    before = list(chat.messages)
+    with pytest.raises(edgeloop.EdgeloopError, match="start a new chat"):
+        chat.send("z" * 600)
+    assert chat.messages == before
