@@ -316,7 +316,7 @@ def measure_quality(fp32_path: Path, quant_path: Path, io: dict, model, options)
     if io.get("float_dtype", "float32") != "float32":
         return {"skipped": "quality is measured on CPU float32 graphs only"}
     ids, source = calibration_ids(model, options)
-    fp32, quant = _session(fp32_path), _session(quant_path)
+    fp32, quant = _session(fp32_path, io, model), _session(quant_path, io, model)
     window = min(QUALITY_WINDOW, model.spec.max_position)
     totals = {"kl": 0.0, "agree": 0, "nll_fp32": 0.0, "nll": 0.0, "positions": 0, "scored": 0}
     for start in range(0, len(ids), window):
@@ -348,24 +348,18 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _session(path: Path):
-    import onnxruntime as ort
+def _session(path: Path, io: dict, model):
+    """The artifact's own runtime driver over a graph file (a manifest with just what it reads)."""
+    from edgeloop.runtimes.ort import OrtBackend
 
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # the machine is shared
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    manifest = {"io": io, "model": model.spec.to_dict(), "recursion": model.recursion.to_dict(),
+                "onnx": {"model": path.name}, "target": "cpu"}
+    return OrtBackend(path.parent, manifest)
 
 
-def _logits(session, io: dict, ids: np.ndarray) -> np.ndarray:
+def _logits(backend, io: dict, ids: np.ndarray) -> np.ndarray:
     """One prefill of `ids` from an empty cache; logits of every position [t, V]."""
-    feeds = {"input_ids": ids.reshape(1, -1).astype(np.int64), "past_len": np.array(0, np.int64),
-             "num_loops": np.array(io["default_num_loops"], np.int64),
-             "num_logits": np.array(len(ids), np.int64)}
-    for e in io["kv"]:
-        lead = (len(e["depths"]),) if e["stacked"] else ()
-        empty = np.zeros(lead + (1, io["kv_heads"], 0, io["head_dim"]), np.float32)
-        feeds[e["past_key"]] = feeds[e["past_value"]] = empty
-    return session.run([io["logits"]], feeds)[0][0]
+    return backend.step(backend.new_state(), ids, all_logits=True)
 
 
 def calibration_ids(model, options) -> tuple[np.ndarray, str]:
