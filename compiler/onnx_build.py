@@ -35,8 +35,10 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
     from edgeloop.compiler.onnx_passes import finish_onnx
 
     float_dtype = np.float16 if options.target == "cuda" else np.float32
+    # int8 LoRA is built float and packed by the quantization rewrite, like the shared weights
+    lora_dtype = np.float16 if options.lora_dtype == "float16" else float_dtype
     graph, io = build_graph(model.spec, model.recursion, model.tensors, layout=options.layout,
-                            float_dtype=float_dtype, lora_dtype=np.dtype(options.lora_dtype))
+                            float_dtype=float_dtype, lora_dtype=lora_dtype)
     section = finish_onnx(graph, io, model, options, out_dir)
     return section
 

@@ -23,7 +23,7 @@ def finish_onnx(g, io: dict, model, options, out_dir: Path) -> dict:
     kinds = dict(g.root.initializer_kind)
     quant_info = {"scheme": "none"}
     fp32, quality = None, None
-    if options.quant != "none":
+    if options.quantizes:
         from edgeloop.compiler.onnx_quant import quantize_graph
 
         fp32, fp32_stats = proto, graph_stats(proto, kinds)
@@ -42,7 +42,7 @@ def finish_onnx(g, io: dict, model, options, out_dir: Path) -> dict:
         if options.optimize and options.target != "cuda":
             optimization = "extended"
             # Constant folding would turn fp16-stored LoRA (+ Cast) back into fp32 initializers.
-            keep_fp16 = options.lora_dtype != "float32"
+            keep_fp16 = options.lora_dtype == "float16"
             optimize_offline(src, out_dir / MODEL_FILE, optimization,
                              disabled=["ConstantFolding"] if keep_fp16 else None)
         else:

@@ -15,6 +15,8 @@ LAYOUTS = ("auto", "loop", "unrolled")
 # in-place GroupQueryAttention 1.3x faster than the Loop; TVM has its own recursion form.
 DEFAULT_LAYOUT = {"onnxruntime": "unrolled", "tvm": "loop"}
 QUANTS = ("none", "int8", "int4")
+# int8 LoRA: each depth's A and B as 8-bit MatMulNBits blocks (unrolled ORT graphs only).
+LORA_DTYPES = ("float32", "float16", "int8")
 
 
 @dataclass
@@ -27,7 +29,7 @@ class CompileOptions:
     symmetric: bool = True  # measured on the bundled model: symmetric + scale search beats asymmetric (KL, size)
     quantize_embeddings: bool = False
     keep_float: list[str] = field(default_factory=list)
-    lora_dtype: str = "float32"  # float32 | float16 storage of the per-depth LoRA
+    lora_dtype: str = "float32"  # float32 | float16 | int8 storage of the per-depth LoRA
     scale_search: bool = True  # int4: search per-block scales (better than round-to-nearest)
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 0 = fp32 compute
     calibration_text: str | None = None  # held-out text for the quality report (default: see onnx_quant)
@@ -51,8 +53,19 @@ class CompileOptions:
             raise EdgeloopError(f"--block-size must be 16, 32, 64, 128 or 256, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise EdgeloopError(f"--accuracy-level must be 0 to 4, got {self.accuracy_level}")
-        if self.lora_dtype not in ("float32", "float16"):
-            raise EdgeloopError(f"--lora-dtype must be float32 or float16, got {self.lora_dtype}")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise EdgeloopError(f"--lora-dtype must be one of {', '.join(LORA_DTYPES)}, got {self.lora_dtype}")
+        if self.lora_dtype == "int8" and (self.backend != "onnxruntime" or self.layout != "unrolled"
+                                          or self.target == "cuda"):
+            # Int8 LoRA runs as MatMulNBits, which needs its weight as an initializer: the Loop body
+            # gathers each depth's LoRA at run time, and the CUDA graph is float16.
+            raise EdgeloopError("--lora-dtype int8 needs --backend onnxruntime --layout unrolled and a cpu or "
+                                "mobile target; use --lora-dtype float16 otherwise")
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the graph goes through the quantization rewrite (shared weights or LoRA)."""
+        return self.quant != "none" or self.lora_dtype == "int8"
 
     def to_dict(self) -> dict:
         return asdict(self)

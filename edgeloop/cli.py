@@ -119,7 +119,7 @@ def compile_cmd(
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="int4 without (default) or with zero points"),
     quantize_embeddings: bool = typer.Option(False, help="also quantize the embedding and LM head"),
     keep_float: Optional[List[str]] = typer.Option(None, help="glob of weights to keep float (repeatable)"),
-    lora_dtype: str = typer.Option("float32", help="LoRA storage: float32 | float16"),
+    lora_dtype: str = typer.Option("float32", help="LoRA storage: float32 | float16 | int8 (8-bit MatMulNBits; unrolled ORT only)"),
     scale_search: bool = typer.Option(True, help="int4: search per-block scales (off: round-to-nearest)"),
     accuracy_level: int = typer.Option(4, help="MatMulNBits compute: 4 = int8 activations (fast), 0 = fp32"),
     calibration_text: Optional[Path] = typer.Option(None, help="held-out text for the quality report"),

@@ -16,6 +16,7 @@ For every model (the bundled `kjv` model, a `REAL_SHAPES` preset with random wei
 Engines (--engines, comma-separated; `all` = every one):
     el-{loop,unrolled}-{fp32,int8,int4}   edgeloop ONNX Runtime artifacts (int4 = layers + head/embedding)
     el-{loop,unrolled}-int4-f16lora       the same with float16 LoRA storage
+    el-unrolled-int4-i8lora               the same with int8 LoRA (8-bit MatMulNBits per depth)
     el-strict-{loop,unrolled}-int4        strict recursive (lora rank 0) artifact, same shape
     el-tvm-fp32                           edgeloop TVM CPU artifact
     ref                                   edgeloop's PyTorch reference on the recursive model dir
@@ -55,8 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 KJV = ROOT / "examples" / "kjv-tiny"
 EL_QUANT = {"fp32": {}, "int8": {"quant": "int8"},
             "int4": {"quant": "int4", "quantize_embeddings": True},
-            "int4-f16lora": {"quant": "int4", "quantize_embeddings": True, "lora_dtype": "float16"}}
-ALL_ENGINES = ([f"el-{lay}-{q}" for lay in ("loop", "unrolled") for q in EL_QUANT]
+            "int4-f16lora": {"quant": "int4", "quantize_embeddings": True, "lora_dtype": "float16"},
+            "int4-i8lora": {"quant": "int4", "quantize_embeddings": True, "lora_dtype": "int8"}}
+ALL_ENGINES = ([f"el-{lay}-{q}" for lay in ("loop", "unrolled") for q in EL_QUANT
+                if not (lay == "loop" and q.endswith("i8lora"))]  # int8 LoRA: unrolled graphs only
                + ["el-strict-loop-int4", "el-strict-unrolled-int4", "el-tvm-fp32", "ref", "hf-eager"]
                + [f"og-{src}-{p}" for src in ("orig", "merged") for p in ("int4", "fp32")])
 VANILLA = ("hf-eager", "og-orig-int4", "og-orig-fp32")

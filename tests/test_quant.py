@@ -7,6 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgeloop
 from edgeloop.compiler import quant_pack as qp
+from edgeloop.errors import EdgeloopError
 from conftest import BUNDLED, run_cli
 
 IDS = np.random.default_rng(1).integers(3, 300, size=24)
@@ -118,6 +119,36 @@ def test_int4_loop_and_unrolled_match_dequantized_reference(converted, tmp_path,
         assert np.abs(model.logits(IDS) - expected).max() <= 1e-4
         assert np.abs(results[-1] - expected).max() <= 1e-4
     assert np.abs(results[0] - results[1]).max() <= 1e-4
+
+
+def test_int8_lora_matches_dequantized_reference(converted, tmp_path):
+    """--lora-dtype int8: each depth's A and B become 8-bit MatMulNBits; the artifact computes exactly the
+    reference model with those factors decoded (fp32 compute), and the LoRA bytes shrink ~4x."""
+    from edgeloop.checkpoint import read_model_dir
+    from edgeloop.reference import ReferenceBackend, ReferenceModel
+    from edgeloop.runtimes.model import Model
+
+    model_dir = converted("llama", loops=2, lora_rank=8)
+    md = read_model_dir(model_dir)
+    tensors = dict(md.tensors)
+    for name, w in md.tensors.items():  # A [R, r, in] is W [in, r] per depth; B [R, out, r] is W [r, out]
+        if ".lora." in name:  # B's K is the rank (8): blocks of 16, the smallest MatMulNBits takes
+            block = 16 if name.endswith(".B") else 32
+            tensors[name] = np.stack([qp.dequantize_blocks(qp.quantize_blocks(d.T, bits=8, block_size=block,
+                                                                              symmetric=True, search=True)).T
+                                      for d in w])
+    expected = Model(ReferenceBackend(ReferenceModel(md.spec, md.recursion, tensors)), model_dir, {}).logits(IDS)
+    fp32 = edgeloop.compile(model_dir, tmp_path / "fp32", layout="unrolled")
+    manifest = edgeloop.compile(model_dir, tmp_path / "int8", layout="unrolled", lora_dtype="int8", accuracy_level=0)
+    assert manifest["quantization"]["schemes_by_kind"] == {"lora": "int8-block"}
+    assert manifest["graph"]["ops"].get("MatMul", 0) < fp32["graph"]["ops"]["MatMul"]  # no float LoRA MatMul left
+    assert manifest["graph"]["bytes_by_kind"]["lora"] <= 0.5 * fp32["graph"]["bytes_by_kind"]["lora"]
+    model = edgeloop.load(tmp_path / "int8")
+    assert np.abs(model.logits(IDS) - expected).max() <= 1e-4
+    assert np.abs(_stepwise(model, IDS) - expected).max() <= 1e-4
+    with pytest.raises(EdgeloopError, match="--layout unrolled"):
+        edgeloop.compile(model_dir, tmp_path / "loop", layout="loop", lora_dtype="int8")
+    assert not (tmp_path / "loop").exists()
 
 
 def test_loop_body_reads_packed_outer_scope_weights(converted, tmp_path):
