@@ -78,8 +78,11 @@ def build_graph(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout:
     prepared = {u: prepare_block(spec, recursion, tensors, u) for u in range(recursion.num_blocks)}
     present: dict[str, str] = {}
     depth = 0
+    delta = None  # a residual branch not yet added to x (the next norm adds it)
     for si, stage in enumerate(recursion.stages):
         if layout == "loop" and stage.repeats > 1:
+            if delta is not None:  # the Loop carries one hidden tensor
+                x, delta = g.op("Add", x, delta, name="residual"), None
             x = _emit_loop(g, spec, recursion, prepared, stage, si, x, att, num_loops, kv_entries, present, lora_dtype)
             depth += len(stage.blocks) * stage.repeats
             continue
@@ -87,13 +90,15 @@ def build_graph(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout:
             for u in stage.blocks:
                 entry = next(e for e in kv_entries if e["depths"] == [depth])
                 w = DepthWeights(g, spec, recursion, u, prepared[u], lora_dtype=lora_dtype, repeat=r, depth=depth)
-                x, nk, nv = emit_layer(g, spec, w, x, att, entry["past_key"], entry["past_value"])
+                x, delta, nk, nv = emit_layer(g, spec, w, x, att, entry["past_key"], entry["past_value"], delta)
                 present[entry["present_key"]], present[entry["present_value"]] = nk, nv
                 depth += 1
 
     # -- final norm and LM head on the last num_logits positions --------------------------------
-    from edgeloop.compiler.onnx_layer import _norm
+    from edgeloop.compiler.onnx_layer import residual_norm
 
+    if delta is not None:
+        x = g.op("Add", x, delta, name="residual")
     fn_w = g.initializer("final_norm.weight", tensors["final_norm.weight"].astype(fdt), "shared")
     fn_b = (g.initializer("final_norm.bias", tensors["final_norm.bias"].astype(fdt), "shared")
             if "final_norm.bias" in tensors else None)
@@ -101,7 +106,7 @@ def build_graph(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout:
     start = g.op("Max", g.op("Sub", seq, num_logits), g.const(0), name="logits_start")
     h = g.op("Slice", x, g.op("Unsqueeze", start, g.const([0])), g.const([np.iinfo(np.int64).max]), g.const([1]),
              name="last_hidden")
-    h = _norm(g, spec, h, fn_w, fn_b)
+    h = residual_norm(g, spec, h, None, fn_w, fn_b)[0]
     head_name = "lm_head.weight" if not spec.tie_embeddings else "embed.weight"
     head = embed if spec.tie_embeddings else g.initializer("lm_head.weight", tensors["lm_head.weight"].astype(fdt),
                                                            "embedding")
@@ -205,14 +210,16 @@ def _emit_loop(g: GraphBuilder, spec, recursion, prepared, stage, si, x, att, nu
     cond_in = body.input(f"cond_{si}", np.bool_, [])
     h = body.input(f"hidden_in_{si}", fdt, ["batch", "seq", spec.hidden_size])
     entries = [e for e in kv_entries if e["id"].startswith(f"s{si}.")]
-    scan = []
+    scan, delta = [], None
     for k, u in enumerate(stage.blocks):
         w = LoopWeights(body, spec, recursion, u, prepared[u], lora_dtype=lora_dtype, iteration=it)
         entry = entries[k]
         pk = body.op("Gather", entry["past_key"], it, axis=0, name="past_k")  # this depth's buffer
         pv = body.op("Gather", entry["past_value"], it, axis=0, name="past_v")
-        h, nk, nv = emit_layer(body, spec, w, h, att, pk, pv)
+        h, delta, nk, nv = emit_layer(body, spec, w, h, att, pk, pv, delta)
         scan += [(entry["present_key"], nk), (entry["present_value"], nv)]
+    if delta is not None:
+        h = body.op("Add", h, delta, name="residual")
     # The condition is wired (constant true today) so early exit can end the loop later.
     body.op_to("Identity", [cond_in], [f"cond_out_{si}"])
     body.output(f"cond_out_{si}", np.bool_, [])

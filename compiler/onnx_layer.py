@@ -193,22 +193,38 @@ class AttentionInputs:
 
 
 def emit_layer(g: GraphBuilder, spec: ModelSpec, w: LayerWeights, x: str, att: AttentionInputs,
-               past_k: str, past_v: str) -> tuple[str, str, str]:
-    """x [b, t, H] -> (x_out, new_k, new_v); new_k/new_v [b, kvh, t, hd] after RoPE."""
+               past_k: str, past_v: str, delta: str | None = None) -> tuple[str, str | None, str, str]:
+    """The hidden state x + delta [b, t, H] (delta: a residual branch not yet added, or None) ->
+    (x_out, delta_out, new_k, new_v); new_k/new_v [b, kvh, t, hd] after RoPE.
+
+    Residual adds are left pending and done by the next norm (`residual_norm`: one fused
+    Skip*Normalization node instead of Add + norm), as onnxruntime-genai's graphs do: at small
+    widths per-node overhead, not arithmetic, is the cost of a decode step."""
     groups = {gr.name: gr for gr in layer_groups(spec)}
-    h = _norm(g, spec, x, w.vector("input_norm.weight"), w.vector("input_norm.bias"))
+    h, x = residual_norm(g, spec, x, delta, w.vector("input_norm.weight"), w.vector("input_norm.bias"))
     q, k, v = _linear(g, w, groups["qkv"], h)
     attention = _attention_gqa if att.seqlens_k else _attention
     attn, new_k, new_v = attention(g, spec, w, q, k, v, att, past_k, past_v)
     attn = _linear(g, w, groups["o"], attn)[0]
     if spec.parallel_residual:
         h2 = _norm(g, spec, x, w.vector("post_norm.weight"), w.vector("post_norm.bias"))
-        out = g.op("Add", g.op("Add", x, attn), _mlp(g, spec, w, groups, h2), name="residual")
+        return g.op("Add", x, attn, name="residual"), _mlp(g, spec, w, groups, h2), new_k, new_v
+    h2, x = residual_norm(g, spec, x, attn, w.vector("post_norm.weight"), w.vector("post_norm.bias"))
+    return x, _mlp(g, spec, w, groups, h2), new_k, new_v
+
+
+def residual_norm(g: GraphBuilder, spec: ModelSpec, x: str, delta: str | None, weight: str,
+                  bias: str | None) -> tuple[str, str]:
+    """(norm(x + delta), x + delta) as one contrib node; just (norm(x), x) when delta is None."""
+    if delta is None:
+        return _norm(g, spec, x, weight, bias), x
+    if spec.norm == "layer":
+        outs = g.ms("SkipLayerNormalization", delta, x, weight, bias or "", epsilon=spec.norm_eps, outputs=4,
+                    name="skip_layernorm")
     else:
-        x = g.op("Add", x, attn, name="residual")
-        h2 = _norm(g, spec, x, w.vector("post_norm.weight"), w.vector("post_norm.bias"))
-        out = g.op("Add", x, _mlp(g, spec, w, groups, h2), name="residual")
-    return out, new_k, new_v
+        outs = g.ms("SkipSimplifiedLayerNormalization", delta, x, weight, epsilon=spec.norm_eps, outputs=4,
+                    name="skip_rmsnorm")
+    return outs[0], outs[3]
 
 
 def _norm(g: GraphBuilder, spec: ModelSpec, x: str, weight: str, bias: str | None, eps: float | None = None) -> str:
