@@ -25,8 +25,8 @@ Engines (--engines, comma-separated; `all` = every one):
 
 Engines that do not depend on B (hf-eager, og-orig-*) are measured once per model. All engines of
 a model are measured together: per round, in a shuffled order, each engine does time-to-first-token
-for every --ttft prompt length (fresh sequence) and decode tok/s at every --contexts length (one
-sequence, grown between measurements), with greedy decoding. Thread counts are run one after the
+for every --ttft prompt length (fresh sequence) and decode tok/s at every --contexts length (the
+sequence of the last prompt at or below it, grown between measurements), with greedy decoding. Thread counts are run one after the
 other (one set of sessions per count). Peak RSS: a fresh subprocess per engine that loads it,
 prefills 128 tokens and decodes 8. Agreement: 32 greedy tokens after a 128-token prompt of held-out
 text, compared with the function's fp32 oracle (`ref` for the recursive function, `hf-eager` for the
@@ -152,6 +152,8 @@ class Prepared:
             log(f"[prep] compile {src.name} {opts} -> {out}")
             if self.args.calibration_text and opts.get("quant"):
                 opts["calibration_text"] = self.args.calibration_text
+            if opts.get("quant") and self.name not in ("kjv",) and not self.name.startswith("tiny:"):
+                opts["scale_search"] = False  # random weights: speed only, and round-to-nearest packs 10x faster
             compile_model(src, out, CompileOptions(**opts))
         return out
 
@@ -341,22 +343,24 @@ def prompt_ids(tokenizer_dir: Path, n: int, vocab: int) -> np.ndarray:
 
 
 def measure_round(e, ids: np.ndarray, ttft: list[int], contexts: list[int], steps: int) -> dict:
-    """TTFT for each prompt length (fresh sequence); decode tok/s at each context, one sequence grown
-    between measurements (the shortest TTFT prompt starts it when it equals the first context)."""
+    """TTFT for each prompt length (fresh sequence, shortest first); after each, decode tok/s at every
+    context from that length up to the next prompt length, growing the same sequence in between
+    (so 128 -> decode@128, then 512 -> decode@512 -> grow -> decode@1024: no prompt is prefilled twice)."""
     e.activate()
     res = {"ttft_ms": {}, "decode_tok_s": {}}
-    for p in sorted(ttft, reverse=True):
+    starts = sorted(set(ttft) | ({contexts[0]} if contexts[0] < min(ttft) else set()))
+    for i, p in enumerate(starts):
         t0 = time.perf_counter()
         e.start(ids[:p])
-        res["ttft_ms"][p] = (time.perf_counter() - t0) * 1000
-    if min(ttft) != contexts[0]:
-        e.start(ids[:contexts[0]])
-    for c in contexts:
-        if e.length() < c:
-            e.extend(ids[e.length():c])
-        t0 = time.perf_counter()
-        e.decode(steps)
-        res["decode_tok_s"][c] = steps / (time.perf_counter() - t0)
+        if p in ttft:
+            res["ttft_ms"][p] = (time.perf_counter() - t0) * 1000
+        end = starts[i + 1] if i + 1 < len(starts) else float("inf")
+        for c in (c for c in contexts if p <= c < end):
+            if e.length() < c:
+                e.extend(ids[e.length():c])
+            t0 = time.perf_counter()
+            e.decode(steps)
+            res["decode_tok_s"][c] = steps / (time.perf_counter() - t0)
     e.start(ids[:8])  # release the long sequence's KV before the next engine runs
     return res
 
