@@ -180,16 +180,17 @@ class DepthWeights(LayerWeights):
 class AttentionInputs:
     """Depth-independent values computed once in the main graph."""
 
-    cos_q: str  # [t, 1, 1, rotary_dim]
-    sin_q: str
-    cos_k: str  # [t, 1, rotary_dim]
-    sin_k: str
-    past_mask: str  # [rep * t, capacity] additive
-    new_mask: str  # [rep * t, t] additive (causal)
-    split_sizes: str  # [capacity, t]
+    cos_q: str | None  # [t, 1, 1, rotary_dim]
+    sin_q: str | None
+    cos_k: str | None  # [t, 1, rotary_dim]
+    sin_k: str | None
+    past_mask: str | None  # [rep * t, capacity] additive
+    new_mask: str | None  # [rep * t, t] additive (causal)
+    split_sizes: str | None  # [capacity, t]
     # GroupQueryAttention writing into the host's KV buffers in place (unrolled layout):
     seqlens_k: str | None = None  # int32 [b]: past_len + t - 1
     total_len: str | None = None  # int32 []: past_len + t
+    rotary_cache: tuple[str, str] | None = None  # (cos, sin) [max_position, rotary_dim / 2]: GQA rotates
 
 
 def emit_layer(g: GraphBuilder, spec: ModelSpec, w: LayerWeights, x: str, att: AttentionInputs,
@@ -301,23 +302,26 @@ def _attention_gqa(g: GraphBuilder, spec: ModelSpec, w: LayerWeights, q: str, k:
                    past_k: str, past_v: str) -> tuple[str, str, str]:
     """com.microsoft.GroupQueryAttention over buffers the host binds as both past and present.
 
-    RoPE (and Qwen3's q/k norm) run before it, in our own ops, so every rotary variant works;
-    the op appends the new K/V into the shared buffer at past_len and attends in place.
+    The op applies RoPE itself when the rotary is full-width (every family but GPT-NeoX's partial
+    rotary, which runs our own ops first; Qwen3's q/k norm runs before it). It appends the new K/V into the shared buffer at past_len and attends in place.
     Returns (output, present_k, present_v); the presents alias the host buffers.
     """
     kvh, hd = spec.num_kv_heads, spec.head_dim
-    q = g.op("Reshape", q, g.const([0, 0, spec.num_heads, hd]), name="q_heads")
-    k = g.op("Reshape", k, g.const([0, 0, kvh, hd]), name="k_heads")
-    if spec.qk_norm:
-        q = _norm(g, spec, q, w.vector("q_norm.weight"), None)
-        k = _norm(g, spec, k, w.vector("k_norm.weight"), None)
-    q = _rope(g, spec, q, att.cos_k, att.sin_k)  # cos_k is [t, 1, rd]: broadcasts over any head count
-    k = _rope(g, spec, k, att.cos_k, att.sin_k)
-    q = g.op("Reshape", q, g.const([0, 0, -1]), name="q_flat")
-    k = g.op("Reshape", k, g.const([0, 0, -1]), name="k_flat")
+    if spec.qk_norm or not att.rotary_cache:
+        q = g.op("Reshape", q, g.const([0, 0, spec.num_heads, hd]), name="q_heads")
+        k = g.op("Reshape", k, g.const([0, 0, kvh, hd]), name="k_heads")
+        if spec.qk_norm:
+            q = _norm(g, spec, q, w.vector("q_norm.weight"), None)
+            k = _norm(g, spec, k, w.vector("k_norm.weight"), None)
+        if not att.rotary_cache:
+            q = _rope(g, spec, q, att.cos_k, att.sin_k)  # cos_k is [t, 1, rd]: broadcasts over any head count
+            k = _rope(g, spec, k, att.cos_k, att.sin_k)
+        q = g.op("Reshape", q, g.const([0, 0, -1]), name="q_flat")
+        k = g.op("Reshape", k, g.const([0, 0, -1]), name="k_flat")
+    rotary = {"do_rotary": 1, "rotary_interleaved": 0} if att.rotary_cache else {}
     out, present_k, present_v = g.ms("GroupQueryAttention", q, k, v, past_k, past_v, att.seqlens_k, att.total_len,
-                                     num_heads=spec.num_heads, kv_num_heads=kvh, scale=1.0 / float(np.sqrt(hd)),
-                                     outputs=3, name="gqa")
+                                     *(att.rotary_cache or ()), num_heads=spec.num_heads, kv_num_heads=kvh,
+                                     scale=1.0 / float(np.sqrt(hd)), outputs=3, name="gqa", **rotary)
     return out, present_k, present_v
 
 

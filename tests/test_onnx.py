@@ -104,7 +104,11 @@ def test_sizes_loop_unrolled_vanilla(artifact, hf_checkpoint, tmp_path):
     def size(manifest):
         return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith("model.onnx"))
 
-    assert abs(size(loop) - size(unrolled)) / size(unrolled) < 0.05
+    def weights(manifest):  # the unrolled graph's RoPE tables are half width (GroupQueryAttention rotates)
+        return sum(v for k, v in manifest["graph"]["bytes_by_kind"].items() if k != "other")
+
+    assert abs(weights(loop) - weights(unrolled)) / weights(unrolled) < 0.01
+    assert abs(size(loop) - size(unrolled)) / size(unrolled) < 0.1
     assert size(loop) < 0.6 * size(vanilla)
 
 
