@@ -283,7 +283,9 @@ class GenaiEngine:
 
         self.og, self.threads, self.path = og, threads, path
         cfg = og.Config(str(path))
-        so = {"intra_op_num_threads": threads}
+        # no spinning, as edgeloop's sessions: spinning workers left behind by one engine would steal the
+        # cores from the next one measured in this process (torch at 2 threads fell to ~3 tok/s)
+        so = {"intra_op_num_threads": threads, "session.intra_op.allow_spinning": "0"}
         if profile:
             so["enable_profiling"] = profile
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": so}}}))
