@@ -23,6 +23,11 @@ class OrtState:
     length: int = 0
     capacity: int = 0
     kv: dict[str, list[np.ndarray]] = field(default_factory=dict)  # entry id -> [keys, values]
+    # The I/O binding of this sequence's KV buffers, kept across steps: rebinding a dozen buffers per
+    # token cost ~0.1 ms of Python, a tenth of a decode step on small models (measured). Rebuilt when
+    # the buffers grow.
+    binding: object | None = None
+    bound_capacity: int = -1
 
 
 class OrtBackend:
@@ -88,6 +93,23 @@ class OrtBackend:
                 bufs[i] = new
         state.capacity = capacity
 
+    def _binding(self, state: OrtState):
+        """The sequence's I/O binding with its KV buffers bound (as views: the graph, or our writes after
+        each step, update them in place)."""
+        if state.binding is not None and state.bound_capacity == state.capacity:
+            return state.binding
+        binding = self.session.io_binding()
+        binding.bind_output("logits")  # first: rebinding a name keeps its place, so outputs[0] stays the logits
+        for entry in self.kv_entries:
+            for buf, past, present in zip(state.kv[entry["id"]], ("past_key", "past_value"),
+                                          ("present_key", "present_value")):
+                value = self._ort.OrtValue.ortvalue_from_numpy(buf)
+                binding.bind_ortvalue_input(entry[past], value)
+                if self.inplace:  # past and present are one buffer
+                    binding.bind_ortvalue_output(entry[present], value)
+        state.binding, state.bound_capacity = binding, state.capacity
+        return binding
+
     def rewind(self, state: OrtState, length: int) -> None:
         state.length = min(state.length, max(0, length))
 
@@ -98,25 +120,18 @@ class OrtBackend:
         t = tokens.shape[1]
         if state.length + t > self.max_context:
             raise EdgeloopError(f"{state.length + t} tokens exceed the model context of {self.max_context}")
-        if self.inplace:
-            self._reserve(state, state.length + t)  # the graph appends at past_len: room first
-        binding = self.session.io_binding()
+        self._reserve(state, state.length + t)  # room for the new tokens first (in place: the graph writes them)
+        binding = self._binding(state)
         binding.bind_cpu_input("input_ids", tokens)
         binding.bind_cpu_input("past_len", np.array(state.length, dtype=np.int64))
         binding.bind_cpu_input("num_logits", np.array(t if all_logits else 1, dtype=np.int64))
         loops = self.default_loops if self.num_loops is None else self.num_loops
         binding.bind_cpu_input("num_loops", np.array(loops, dtype=np.int64))
+        # Outputs ORT allocates are rebound every step: once allocated, a bound output is reused and
+        # its shape (new tokens, logits kept) changes between steps.
         binding.bind_output("logits")
-        for entry in self.kv_entries:
-            keys, values = state.kv[entry["id"]]
-            if self.inplace:  # past and present are one buffer
-                for buf, past, present in ((keys, "past_key", "present_key"), (values, "past_value", "present_value")):
-                    value = self._ort.OrtValue.ortvalue_from_numpy(buf)
-                    binding.bind_ortvalue_input(entry[past], value)
-                    binding.bind_ortvalue_output(entry[present], value)
-            else:
-                binding.bind_cpu_input(entry["past_key"], keys)
-                binding.bind_cpu_input(entry["past_value"], values)
+        if not self.inplace:
+            for entry in self.kv_entries:
                 binding.bind_output(entry["present_key"])
                 binding.bind_output(entry["present_value"])
         self.session.run_with_iobinding(binding)
@@ -125,8 +140,7 @@ class OrtBackend:
         if self.inplace:
             state.length += t
             return logits.astype(np.float32, copy=False)
-        # Write the new tokens' K/V into the host buffers (grown first if needed).
-        self._reserve(state, state.length + t)
+        # Write the new tokens' K/V into the host buffers.
         for i, entry in enumerate(self.kv_entries):
             keys, values = state.kv[entry["id"]]
             new_k, new_v = outputs[1 + 2 * i].numpy(), outputs[2 + 2 * i].numpy()
