@@ -28,6 +28,8 @@ class OrtState:
     # the buffers grow.
     binding: object | None = None
     bound_capacity: int = -1
+    logits_row: np.ndarray | None = None  # [1, 1, vocab]: where a decode step's logits land
+    logits_value: object | None = None
 
 
 class OrtBackend:
@@ -107,6 +109,9 @@ class OrtBackend:
                 binding.bind_ortvalue_input(entry[past], value)
                 if self.inplace:  # past and present are one buffer
                     binding.bind_ortvalue_output(entry[present], value)
+        if state.logits_value is None:
+            state.logits_row = np.zeros((1, 1, self.vocab_size), dtype=self.dtype)
+            state.logits_value = self._ort.OrtValue.ortvalue_from_numpy(state.logits_row)
         state.binding, state.bound_capacity = binding, state.capacity
         return binding
 
@@ -127,19 +132,24 @@ class OrtBackend:
         binding.bind_cpu_input("num_logits", np.array(t if all_logits else 1, dtype=np.int64))
         loops = self.default_loops if self.num_loops is None else self.num_loops
         binding.bind_cpu_input("num_loops", np.array(loops, dtype=np.int64))
-        # Outputs ORT allocates are rebound every step: once allocated, a bound output is reused and
-        # its shape (new tokens, logits kept) changes between steps.
-        binding.bind_output("logits")
+        # One row of logits (every decode step) lands in a buffer of ours; other outputs are left to
+        # ORT and rebound every step (once allocated, a bound output is reused, and their shapes vary).
+        one_row = t == 1 or not all_logits
+        if one_row:
+            binding.bind_ortvalue_output("logits", state.logits_value)
+        else:
+            binding.bind_output("logits")
         if not self.inplace:
             for entry in self.kv_entries:
                 binding.bind_output(entry["present_key"])
                 binding.bind_output(entry["present_value"])
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[0]
-        if self.inplace:
+        if self.inplace:  # no get_outputs(): wrapping every bound KV buffer costs more than the copy below
+            logits = state.logits_row[0].copy() if one_row else binding.get_outputs()[0].numpy()[0]
             state.length += t
             return logits.astype(np.float32, copy=False)
+        outputs = binding.get_outputs()
+        logits = state.logits_row[0].copy() if one_row else outputs[0].numpy()[0]
         # Write the new tokens' K/V into the host buffers.
         for i, entry in enumerate(self.kv_entries):
             keys, values = state.kv[entry["id"]]
