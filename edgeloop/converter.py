@@ -23,6 +23,7 @@ class ConvertOptions:
     lora_rank_mlp: int | str | None = None
     share_norms: bool | None = None  # None: per-depth vectors exactly when LoRA is on
     svd_dtype: str = "float32"
+    svd: str = "auto"  # auto | exact | randomized (recursion.svd_lora)
 
 
 @dataclass
@@ -46,7 +47,7 @@ def convert(hf_dir: str | Path, out: str | Path, options: ConvertOptions | None 
     ckpt = read_hf_checkpoint(hf_dir)
     recursion, tensors = build_recursive(
         ckpt.spec, ckpt.globals, ckpt.layers, loops=options.loops, sharing=options.sharing, init=options.init,
-        ranks=ranks, share_norms=options.share_norms, svd_dtype=options.svd_dtype, progress=progress)
+        ranks=ranks, share_norms=options.share_norms, svd_dtype=options.svd_dtype, svd=options.svd, progress=progress)
     source = {"path": str(hf_dir.resolve()), "model_type": ckpt.config.get("model_type"),
               "num_layers": ckpt.spec.num_layers}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

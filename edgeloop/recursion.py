@@ -76,12 +76,15 @@ def block_sources(recursion_stages, num_layers: int, init: str) -> tuple[dict[in
 
 def build_recursive(spec: ModelSpec, globals_: dict[str, np.ndarray], layers: list[dict[str, np.ndarray]], *,
                     loops: int, sharing: str, init: str, ranks: RankChoice, share_norms: bool | None = None,
-                    svd_dtype: str = "float32", progress: bool = False) -> tuple[Recursion, dict[str, np.ndarray]]:
+                    svd_dtype: str = "float32", svd: str = "auto",
+                    progress: bool = False) -> tuple[Recursion, dict[str, np.ndarray]]:
     """Shared blocks + per-depth LoRA from a vanilla layer list. Returns the recursion and its tensors."""
     if init not in INITS:
         raise EdgeloopError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     if svd_dtype not in ("float32", "float64"):
         raise EdgeloopError(f"--svd-dtype must be float32 or float64, got {svd_dtype!r}")
+    if svd not in SVD_METHODS:
+        raise EdgeloopError(f"--svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
     stages = plan_stages(spec.num_layers, loops, sharing)
     is_recursive = any(s.repeats > 1 for s in stages)
     rank_of = resolve_ranks(spec, ranks) if is_recursive else {n: 0 for n in spec.linear_shapes()}
@@ -100,7 +103,7 @@ def build_recursive(spec: ModelSpec, globals_: dict[str, np.ndarray], layers: li
             rank = rank_of[name] if repeats > 1 else 0
             if rank:
                 stack = np.stack([s[f"{name}.weight"] for s in src])  # [R, out, in]
-                a, b = svd_lora(stack - tensors[f"blocks.{u}.{name}.weight"], rank, svd_dtype)
+                a, b = svd_lora(stack - tensors[f"blocks.{u}.{name}.weight"], rank, svd_dtype, svd)
                 tensors[f"blocks.{u}.lora.{name}.A"] = a
                 tensors[f"blocks.{u}.lora.{name}.B"] = b
         for name in spec.vector_shapes():
@@ -125,15 +128,35 @@ def _initialiser(init: str, tied_layers: list[dict], layers: list[dict], copy_fr
     return lambda name: layers[copy_from][name]
 
 
-def svd_lora(residuals: np.ndarray, rank: int, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
-    """Batched truncated SVD of residuals [R, out, in] -> A [R, rank, in], B [R, out, rank]."""
+SVD_METHODS = ("auto", "exact", "randomized")
+
+
+def svd_lora(residuals: np.ndarray, rank: int, dtype: str = "float32",
+             method: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Batched truncated SVD of residuals [R, out, in] -> A [R, rank, in], B [R, out, rank].
+
+    "randomized" (Halko et al., torch.svd_lowrank: 16 extra columns, 6 power iterations, a fixed
+    seed) finds the top-`rank` subspace without the full decomposition: measured on [2, 2048, 5632]
+    residuals, 0.4 s instead of 19 s with a Frobenius error within 0.2% of the optimal one (0.04% on
+    trained residuals). "auto" takes it when the rank is at most 1/8 of a side of at least 1024,
+    and the exact SVD otherwise (small matrices, full rank: that one reproduces the original).
+    """
     import torch
 
     r = torch.from_numpy(residuals).to(getattr(torch, dtype))
-    u, s, vh = torch.linalg.svd(r, full_matrices=False)
+    side = min(r.shape[1:])
+    if method == "auto":
+        method = "randomized" if side >= 1024 and rank * 8 <= side else "exact"
+    if method == "randomized" and rank < side:
+        with torch.random.fork_rng():  # the same model converts to the same bytes
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(r, q=min(rank + 16, side), niter=6)
+        vh = v.transpose(1, 2)
+    else:
+        u, s, vh = torch.linalg.svd(r, full_matrices=False)
     b = u[:, :, :rank] * s[:, None, :rank]
     a = vh[:, :rank, :]
-    return a.to(torch.float32).numpy(), b.to(torch.float32).numpy()
+    return a.contiguous().to(torch.float32).numpy(), b.contiguous().to(torch.float32).numpy()
 
 
 def _progress(total: int, enabled: bool):
