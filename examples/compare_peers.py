@@ -560,15 +560,16 @@ def profile(name: str, args) -> dict:
     def role(node_name: str, op: str) -> str:
         n = nodes.get(node_name)
         names = " ".join(list(n.input) + list(n.output)).lower() if n is not None else ""
+        # attention and norm nodes first: their inputs may be named after the LoRA add feeding them
+        if op in ("Softmax", "GroupQueryAttention", "MultiHeadAttention", "Attention"):
+            return "attention core"
+        if "Norm" in op:
+            return "norms"
         if "lora" in names:
             return "lora"
         if op in matmuls:
             weight = n is not None and (op in ("MatMulNBits", "DynamicQuantizeMatMul") or any(i in inits for i in n.input))
             return "weight matmul" if weight else "attention core"
-        if op in ("Softmax", "GroupQueryAttention", "MultiHeadAttention", "Attention"):
-            return "attention core"
-        if "Norm" in op:
-            return "norms"
         if op in ("Gather", "GatherBlockQuantized") and n is not None and any(i in inits for i in n.input):
             return "embedding/gather of weights"
         return "glue (reshape/concat/rope/mask/KV/...)"
