@@ -73,8 +73,9 @@ def plot(groups, path: Path, context: str) -> None:
     ax.axhline(1.0, color="black", linewidth=1, label="onnxruntime-genai int4, merged model")
     ax.set_xticks(range(len(groups)), labels, fontsize=8)
     ax.set_ylabel(f"decode tok/s at {context} vs peer")
-    ax.set_title(f"edgeloop vs onnxruntime-genai (merged equivalent), {groups[0][2]} thread(s), median")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"edgeloop vs onnxruntime-genai (merged equivalent), threads={groups[0][2]}, median")
+    ax.set_ylim(0, max(1.3, ax.get_ylim()[1] + 0.25))
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
