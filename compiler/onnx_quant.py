@@ -10,7 +10,8 @@ shared weights as outer-scope initializers):
 
   MatMul(h, d{depth}.{group}.A|B.{part}) -> 8-bit MatMulNBits       with --lora-dtype int8 (unrolled)
 
-Norms and everything else stay float (float16 LoRA storage is chosen when the graph is built). `--keep-float` globs exclude weights by initializer name. ORT's quantizers are not
+Norms and everything else stay float (float16 LoRA storage is chosen when the graph is built).
+`--keep-float` globs exclude weights by initializer name. ORT's quantizers are not
 used: their node selection is unreliable on our graphs (DESIGN.md section 3).
 
 `measure_quality` runs the quantized artifact and the fp32 graph on held-out text and reports
