@@ -2,8 +2,9 @@
 
 Backends are looked up in `BACKENDS` (name -> "module:function"); each builder receives the
 model (spec, recursion, tensors), the options and a fresh temporary directory, writes its
-files there and returns the backend-specific part of the manifest. `compile_model` does the
-rest: reading the model, the manifest with checksums, the tokenizer, the atomic rename.
+files there and returns its sections of the artifact contract (`artifact.BackendResult`).
+`compile_model` does the rest: reading the model, the tokenizer, the contract with checksums,
+the atomic rename.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from edgeloop.compiler.options import CompileOptions
 from edgeloop.registry import resolve
 
 BACKENDS = {
-    "onnxruntime": "edgeloop.compiler.onnx_build:build",
+    "onnxruntime": "edgeloop.compiler.onnx_pipeline:build",
     "tvm": "edgeloop.compiler.tvm_build:build",
 }
 
@@ -27,8 +28,13 @@ def compile_model(model_dir: str | Path, out: str | Path, options: CompileOption
     from edgeloop.compiler.artifact import write_artifact
     from edgeloop.compiler.loading import load_for_compile
 
+    from edgeloop.fileio import check_output, read_text
+
     options = options or CompileOptions(**kwargs)
     options.validate()
+    check_output(Path(out), (Path(model_dir),))  # before any work: an output that would destroy the input
+    if options.calibration_text:
+        read_text(Path(options.calibration_text), "--calibration-text")
     model = load_for_compile(Path(model_dir))
     build = resolve(BACKENDS, options.backend, "backend")
     return write_artifact(Path(out), model, options, build, overwrite=overwrite)

@@ -1,45 +1,93 @@
-"""Artifact directories: a versioned manifest with checksums, backend files, tokenizer.
+"""Artifact directories: the backend's files, the tokenizer, and the contract (`edgeloop.json`).
 
 Layout (DESIGN.md section 2)::
 
     ARTIFACT/
-      edgeloop.json      manifest: model description, backend, target, I/O contract, sha256 of every file
-      model.onnx ...     backend files (listed in the manifest)
-      tokenizer.json ... tokenizer and generation defaults
+      edgeloop.json        the contract (runtimes/contract.py): entry points, KV layout, loop state,
+                           tokenizer and generation defaults, sha256 of every file, its own digest
+      model.onnx ...       backend files (named by the contract's entry points and sections)
+      tokenizer.json       (and chat_template.jinja when the model has a chat template)
 
 Written into a temporary directory and renamed at the end: never half an artifact.
 """
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from edgeloop.checkpoint import copy_tokenizer_files
-from edgeloop.fileio import atomic_output_dir, sha256_file, write_json
-from edgeloop.runtimes.artifact import FORMAT, FORMAT_VERSION, MANIFEST
+from edgeloop.fileio import atomic_output_dir, sha256_file
+from edgeloop.runtimes.contract import (FORMAT, MANIFEST, VERSION, Contract, EntryPoint, FileEntry, KVLayout,
+                                        LoopState, OnnxSection, TokenizerSection, TvmSection, parse,
+                                        serialize)
+from edgeloop.runtimes.sampling import generation_defaults_from
+from edgeloop.runtimes.tokenizer import resolve_tokenizer
+
+TEMPLATE_FILE = "chat_template.jinja"
 
 
-def write_artifact(out: Path, model, options, build, *, overwrite: bool = False) -> dict:
-    """Run `build(model, options, tmpdir) -> backend manifest section` and finish the artifact."""
+@dataclass
+class BackendResult:
+    """What a backend builder returns: its sections of the contract."""
+
+    layout: str
+    loop: LoopState
+    kv: KVLayout
+    entry_points: dict[str, EntryPoint]
+    onnx: OnnxSection | None = None
+    tvm: TvmSection | None = None
+    quantization: dict | None = None
+    quality: dict | None = None
+    graph: dict | None = None
+    kernels: tuple[str, ...] = ()
+
+
+def has_host_loop(recursion) -> bool:
+    """The host-driven loop (prologue / block / epilogue) exists for a single looped stage."""
+    return len(recursion.stages) == 1
+
+
+def loop_state(model) -> LoopState:
+    rec = model.recursion
+    looped = [i for i, s in enumerate(rec.stages) if s.repeats > 1]
+    return LoopState(loops=rec.loops, blocks_per_loop=rec.shared_per_loop, sharing=rec.sharing, stages=rec.stages,
+                     num_depths=rec.num_depths, host_loop=has_host_loop(rec), looped_stage=looped[0] if looped else 0,
+                     loop_norm=model.spec.loop_norm)
+
+
+def _tokenizer(model) -> tuple[TokenizerSection, str | None]:
+    section, template = resolve_tokenizer(model.path, model.generation, model.spec.vocab_size)
+    if template is not None:
+        section = TokenizerSection(**{**section.__dict__, "chat_template": TEMPLATE_FILE})
+    return section, template
+
+
+def provisional_contract(model, options, result: BackendResult, tokenizer: TokenizerSection | None = None,
+                         files: dict[str, FileEntry] | None = None) -> Contract:
+    """The contract of an artifact being built (no files yet): for the compiler's own runs of it."""
     import edgeloop
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        backend_section = build(model, options, tmp)
-        copy_tokenizer_files(model.path, tmp)
-        files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "edgeloop_version": edgeloop.__version__,
-            "backend": options.backend,
-            "target": options.target,
-            "options": options.to_dict(),
-            "model": model.spec.to_dict(),
-            "recursion": model.recursion.to_dict(),
-            "generation": model.generation,
-            **backend_section,
-            "files": files,
-        }
-        write_json(tmp / MANIFEST, manifest)
-    return manifest
+    return Contract(
+        format=FORMAT, version=VERSION, edgeloop_version=edgeloop.__version__, backend=options.backend,
+        target=options.target, layout=result.layout, model=model.spec, recursion=model.recursion, loop=result.loop,
+        kv=result.kv, entry_points=result.entry_points,
+        tokenizer=tokenizer or _tokenizer(model)[0], generation=generation_defaults_from(model.generation),
+        files=files or {}, onnx=result.onnx, tvm=result.tvm, quantization=result.quantization,
+        quality=result.quality, graph=result.graph, kernels=tuple(result.kernels), options=options.to_dict())
+
+
+def write_artifact(out: Path, model, options, build, *, overwrite: bool = False) -> Contract:
+    """Run `build(model, options, tmpdir) -> BackendResult` and finish the artifact."""
+    inputs = (model.path,) + ((Path(options.calibration_text),) if options.calibration_text else ())
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+        tokenizer, template = _tokenizer(model)  # validated before any graph is built
+        result = build(model, options, tmp)
+        if tokenizer.file:
+            shutil.copy2(Path(model.path) / tokenizer.file, tmp / tokenizer.file)
+        if template is not None:
+            (tmp / TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        files = {p.name: FileEntry(sha256_file(p), p.stat().st_size) for p in sorted(tmp.iterdir()) if p.is_file()}
+        raw = serialize(provisional_contract(model, options, result, tokenizer, files))
+        (tmp / MANIFEST).write_bytes(raw)
+    return parse(raw, str(Path(out) / MANIFEST))

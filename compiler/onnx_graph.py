@@ -30,6 +30,8 @@ class GraphBuilder:
         self.value_info: list[onnx.ValueInfoProto] = []
         self.parent = parent
         self.root = parent.root if parent else self
+        self.contract_inputs: list = []
+        self.contract_outputs: list = []
         self.float_dtype = np.dtype(float_dtype)
         if parent is None:
             self.initializers: dict[str, onnx.TensorProto] = {}
@@ -85,17 +87,24 @@ class GraphBuilder:
 
     # -- I/O ---------------------------------------------------------------------------------
 
-    def input(self, name: str, dtype, shape) -> str:
+    def input(self, name: str, dtype, shape, role: str | None = None, kv: str | None = None) -> str:
+        """A graph input; `role` records it in the artifact contract (what the runtime binds there)."""
         self.inputs.append(helper.make_tensor_value_info(name, DTYPES[np.dtype(dtype)], shape))
+        if role:
+            self.contract_inputs.append(_spec(name, role, dtype, shape, kv))
         return name
 
-    def output(self, name: str, dtype, shape) -> str:
+    def output(self, name: str, dtype, shape, role: str | None = None, kv: str | None = None) -> str:
         self.outputs.append(helper.make_tensor_value_info(name, DTYPES[np.dtype(dtype)], shape))
+        if role:
+            self.contract_outputs.append(_spec(name, role, dtype, shape, kv))
         return name
 
-    def annotate(self, name: str, dtype, shape) -> None:
-        """value_info for an intermediate (ORT needs it for Loop-body outputs and contrib ops)."""
-        self.value_info.append(helper.make_tensor_value_info(name, DTYPES[np.dtype(dtype)], shape))
+    def entry_point(self, symbol: str):
+        """The contract's description of this graph as an entry point stored in `symbol`."""
+        from edgeloop.runtimes.contract import EntryPoint
+
+        return EntryPoint(symbol, tuple(self.contract_inputs), tuple(self.contract_outputs))
 
     def graph(self, with_initializers: bool) -> onnx.GraphProto:
         inits = list(self.initializers.values()) if with_initializers else []
@@ -108,3 +117,9 @@ class GraphBuilder:
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
         m.ir_version = 10
         return m
+
+
+def _spec(name: str, role: str, dtype, shape, kv: str | None):
+    from edgeloop.runtimes.contract import TensorSpec
+
+    return TensorSpec(name, role, np.dtype(dtype).name, tuple(shape), kv)

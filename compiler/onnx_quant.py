@@ -140,6 +140,7 @@ class _WeightStore:
         self.errors = {"rtn": 0.0, "chosen": 0.0, "norm": 0.0}
         self.counter = 0
         self.heads: set[str] = set()  # tables an LM head reads (set by quantize_graph)
+        self.notes: set[str] = set()
 
     # -- selection -----------------------------------------------------------------------------
 
@@ -173,11 +174,16 @@ class _WeightStore:
         return self.packed[name]
 
     def block_size(self, name: str, k: int) -> int:
-        """--block-size, except that a LoRA B (K = its rank, often 8 or 16) gets the smallest block
-        MatMulNBits accepts that covers K, rather than a block mostly made of padding."""
-        if self.kinds.get(name) != "lora" or k >= self.options.block_size:
+        """--block-size, except that a weight with fewer inputs than a block (a LoRA B, whose K is its
+        rank; any weight of a small model) gets the smallest block MatMulNBits accepts that covers K:
+        a block mostly made of padding would make the "quantized" weight larger than the float one."""
+        if k >= self.options.block_size:
             return self.options.block_size
-        return max(16, 1 << (k - 1).bit_length())
+        size = max(16, 1 << (k - 1).bit_length())
+        if self.kinds.get(name) != "lora":
+            self.notes.add(f"--block-size {self.options.block_size} exceeds the input size {k} of some weights; "
+                           f"they use blocks of {size}")
+        return size
 
     def _track_error(self, w: np.ndarray, p, s: qp.QuantScheme) -> None:
         """Sum squared reconstruction errors, and plain RTN's for comparison (block schemes)."""
@@ -290,7 +296,7 @@ class _WeightStore:
                                                        if k != "embedding" or o.quantize_embeddings},
                 "block_size": o.block_size, "symmetric": o.symmetric, "scale_search": o.scale_search,
                 "accuracy_level": o.accuracy_level, "quantized_weights": sorted(self.packed),
-                "kept_float": sorted(self.kept), "lora_dtype": o.lora_dtype}
+                "kept_float": sorted(self.kept), "lora_dtype": o.lora_dtype, "notes": sorted(self.notes)}
         if self.errors["norm"]:
             info["rel_error"] = round(math.sqrt(self.errors["chosen"] / self.errors["norm"]), 6)
             info["rel_error_rtn"] = round(math.sqrt(self.errors["rtn"] / self.errors["norm"]), 6)
@@ -326,21 +332,33 @@ class _NodeList:
 # quality vs the fp32 graph
 
 
-def measure_quality(fp32_path: Path, quant_path: Path, io: dict, model, options) -> dict:
-    """Mean KL(fp32 || quantized) of next-token distributions, top-1 agreement, perplexities."""
-    if io.get("float_dtype", "float32") != "float32":
+def measure_quality(contract, artifact_dir: Path, fp32_file: Path, model, options) -> dict:
+    """Mean KL(fp32 || quantized) of next-token distributions, top-1 agreement, perplexities. Both graphs
+    run through the artifact's own driver and contract (the fp32 one as a different forward file)."""
+    from dataclasses import replace
+
+    from edgeloop.runtimes.ort import OrtBackend
+
+    if contract.kv.dtype != "float32":
         return {"skipped": "quality is measured on CPU float32 graphs only"}
     ids, source = calibration_ids(model, options)
-    fp32, quant = _session(fp32_path, io, model), _session(quant_path, io, model)
+    quant = OrtBackend(artifact_dir, contract)
+    entries = dict(contract.entry_points)
+    entries["forward"] = replace(entries["forward"], symbol=fp32_file.name)
+    fp32 = OrtBackend(fp32_file.parent, replace(contract, entry_points=entries))
     window = min(QUALITY_WINDOW, model.spec.max_position)
     totals = {"kl": 0.0, "agree": 0, "nll_fp32": 0.0, "nll": 0.0, "positions": 0, "scored": 0}
     for start in range(0, len(ids), window):
         chunk = ids[start:start + window]
         if len(chunk) < 2:
             break
-        _accumulate(totals, _logits(fp32, io, chunk), _logits(quant, io, chunk), chunk)
+        _accumulate(totals, _logits(fp32, chunk), _logits(quant, chunk), chunk)
     n, m = totals["positions"], totals["scored"]
     ppl32, ppl = math.exp(totals["nll_fp32"] / m), math.exp(totals["nll"] / m)
+    for value in (totals["kl"], ppl32, ppl):
+        if not math.isfinite(value):
+            raise EdgeloopError("the quantized or float graph produced non-finite logits on the calibration text; "
+                                "the model's weights or config are broken")
     return {"text": source, "tokens": n, "mean_kl": float(f"{totals['kl'] / n:.3g}"),
             "top1_agreement": round(totals["agree"] / n, 4), "perplexity_fp32": round(ppl32, 4),
             "perplexity": round(ppl, 4), "perplexity_delta": round(ppl - ppl32, 4)}
@@ -363,53 +381,40 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _session(path: Path, io: dict, model):
-    """The artifact's own runtime driver over a graph file (a manifest with just what it reads)."""
-    from edgeloop.runtimes.ort import OrtBackend
-
-    manifest = {"io": io, "model": model.spec.to_dict(), "recursion": model.recursion.to_dict(),
-                "onnx": {"model": path.name}, "target": "cpu"}
-    return OrtBackend(path.parent, manifest)
-
-
-def _logits(backend, io: dict, ids: np.ndarray) -> np.ndarray:
+def _logits(backend, ids: np.ndarray) -> np.ndarray:
     """One prefill of `ids` from an empty cache; logits of every position [t, V]."""
-    return backend.step(backend.new_state(), ids, all_logits=True)
+    from edgeloop.runtimes.backend import Row
+
+    state = backend.new_state()
+    try:
+        return backend.step([Row(state, ids, all_logits=True)])[0].logits
+    finally:
+        backend.release(state)
 
 
 def calibration_ids(model, options) -> tuple[np.ndarray, str]:
-    """Token ids to score and where they came from: --calibration-text, the model's own
-    heldout.txt, the bundled held-out text when the tokenizer is the bundled one, else random."""
-    text_file = _text_file(model, options)
-    tokenizer = Path(model.path) / "tokenizer.json"
-    if text_file is not None and tokenizer.is_file():
-        from edgeloop.runtimes.tokenizer import Tokenizer
+    """Token ids to score and where they came from: --calibration-text, else the model's own
+    heldout.txt (kept by `edgeloop convert` when the checkpoint ships one), else random ids."""
+    from edgeloop.fileio import read_text
 
-        ids = Tokenizer(model.path, model.generation).encode(text_file.read_text(encoding="utf-8"))
-        ids = np.asarray(ids[:QUALITY_TOKENS], np.int64)
-        if len(ids) >= 2 and ids.max() < model.spec.vocab_size:
-            return ids, str(text_file)
     if options.calibration_text:
-        raise EdgeloopError(f"--calibration-text {options.calibration_text}: the model has no usable tokenizer.json "
-                            "to encode it (or the text is shorter than two tokens)")
+        text_file = Path(options.calibration_text)
+    elif (Path(model.path) / "heldout.txt").is_file():
+        text_file = Path(model.path) / "heldout.txt"
+    else:
+        text_file = None
+    tokenizer = Path(model.path) / "tokenizer.json"
+    if text_file is not None:
+        text = read_text(text_file, "calibration text")
+        if tokenizer.is_file():
+            from edgeloop.runtimes.tokenizer import Tokenizer, resolve_tokenizer
+
+            section, _ = resolve_tokenizer(model.path, model.generation, model.spec.vocab_size)
+            ids = np.asarray(Tokenizer(model.path, section).encode(text)[:QUALITY_TOKENS], np.int64)
+            if len(ids) >= 2:
+                return ids, str(text_file)
+        if options.calibration_text:
+            raise EdgeloopError(f"--calibration-text {options.calibration_text}: the model has no tokenizer.json to "
+                                "encode it, or the text is shorter than two tokens")
     rng = np.random.default_rng(0)
     return rng.integers(0, model.spec.vocab_size, RANDOM_TOKENS).astype(np.int64), "random token ids"
-
-
-def _text_file(model, options) -> Path | None:
-    if options.calibration_text:
-        path = Path(options.calibration_text)
-        if not path.is_file():
-            raise EdgeloopError(f"--calibration-text {path}: file not found")
-        return path
-    own = Path(model.path) / "heldout.txt"
-    if own.is_file():
-        return own
-    import edgeloop
-
-    bundled = Path(edgeloop.__file__).resolve().parents[1] / "examples" / "kjv-tiny"
-    mine = Path(model.path) / "tokenizer.json"
-    if (bundled / "heldout.txt").is_file() and mine.is_file() and (bundled / "tokenizer.json").is_file():
-        if mine.read_bytes() == (bundled / "tokenizer.json").read_bytes():
-            return bundled / "heldout.txt"
-    return None

@@ -35,9 +35,13 @@ class CompileOptions:
     calibration_text: str | None = None  # held-out text for the quality report (default: see onnx_quant)
     optimize: bool = True  # apply portable ORT graph optimizations offline
     tune_trials: int = 0  # TVM: optional offline tuning
-    debug_dump: bool = False  # write the graph after every pipeline step into debug/
+    debug_dump: str | None = None  # a directory: the graph after every pipeline pass (outside the artifact)
 
     def validate(self) -> None:
+        for name in ("block_size", "accuracy_level", "tune_trials"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise EdgeloopError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
         if self.backend not in TARGETS:
             raise EdgeloopError(f"unknown backend {self.backend!r}; choose one of {', '.join(TARGETS)}")
         if self.target not in TARGETS[self.backend]:

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 
+from edgeloop.compiler.artifact import BackendResult, loop_state
 from edgeloop.compiler.loading import CompileInput
 from edgeloop.compiler.options import CompileOptions
 from edgeloop.errors import EdgeloopError
+from edgeloop.runtimes.contract import KVLayout, TvmSection
 
 PARAMS_FILE = "params.bin"
 PAGE_SIZE = 16
@@ -70,7 +72,7 @@ def write_device_sources(executable, out_dir: Path) -> list[str]:
     return written
 
 
-def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
+def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> BackendResult:
     import tvm
 
     from edgeloop.compiler.tvm_graph import GraphBuilder
@@ -94,8 +96,9 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
         s = model.spec
         mod = install(mod, h_kv=s.num_kv_heads, h_q=s.num_heads, d=s.head_dim)
     if options.debug_dump:
-        (out_dir / "debug").mkdir(exist_ok=True)
-        (out_dir / "debug" / "relax.py").write_text(mod.script())
+        dump = Path(options.debug_dump)
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / "01-relax.py").write_text(mod.script())
     try:
         executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(p, target))
     except Exception as e:  # noqa: BLE001 - surface TVM's failure as one actionable line
@@ -109,30 +112,54 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
                                         str(out_dir / PARAMS_FILE))
 
     chunk = min(context, 1024)
-    return {
-        "layout": "recursion",
-        "device_sources": device_sources,
-        "io": {
-            "library": p.library,
-            "params": PARAMS_FILE,
-            "param_names": params.names,
-            "token_dtype": "int32",
-            "entry": {"create_kv_cache": "create_kv_cache", "prefill": "prefill", "prefill_all": "prefill_all",
-                      "decode": "decode"},
-            "kv_cache": {"kind": "tir_paged", "layers": model.recursion.num_depths, "page_size": PAGE_SIZE,
-                         "max_context": context, "prefill_chunk": chunk},
-            "target": p.target,
-            "runs_on_host": p.runs_here,
-        },
-        "kernels": sorted(graph.kernels),
-        "quantization": int4_summary(params, int4) if int4 else None,
-        "graph": {
+    return BackendResult(
+        layout="recursion",
+        loop=loop_state(model),
+        kv=KVLayout(kind="paged", dtype="float32", kv_heads=model.spec.num_kv_heads, head_dim=model.spec.head_dim,
+                    num_depths=model.recursion.num_depths, max_context=context, page_size=PAGE_SIZE,
+                    prefill_chunk=chunk),
+        entry_points=entry_points(model, graph.host_loop),
+        tvm=TvmSection(library=p.library, params=PARAMS_FILE, param_names=tuple(params.names), device=p.device,
+                       target=p.target, token_dtype="int32", device_sources=tuple(device_sources)),
+        quantization=int4_summary(params, int4) if int4 else None,
+        graph={
             "stages": [{"blocks": list(s.blocks), "repeats": s.repeats, "function": f"stage{i}"}
-                      for i, s in enumerate(model.recursion.stages)],
+                       for i, s in enumerate(model.recursion.stages)],
             "relax_functions": sum(1 for gv in mod.functions if not isinstance(mod[gv], tvm.tirx.PrimFunc)),
             "tir_kernels": sum(1 for gv in mod.functions if isinstance(mod[gv], tvm.tirx.PrimFunc)),
             "tile": tile,
             "param_bytes": int(sum(a.nbytes for a in params.arrays)),
             "compile_s": round(compile_s, 2),
         },
+        kernels=tuple(sorted(graph.kernels)),
+    )
+
+
+def entry_points(model, host_loop: bool) -> dict:
+    """The library's functions as contract entry points (arguments in call order, by role)."""
+    from edgeloop.runtimes.contract import EntryPoint, TensorSpec as T
+
+    s = model.spec
+    kv, params = T("kv", "kv_cache", "object"), T("params", "params", "tuple")
+    cache = EntryPoint("create_kv_cache", (T("cfg", "kv_config", "shape"),), (kv,))
+    out = {
+        "create_kv_cache": cache,
+        "forward": EntryPoint("forward", (T("ids", "input_ids", "int32", ("tokens",)), kv,
+                                          T("logit_pos", "logit_positions", "int32", ("n",)), params),
+                              (T("logits", "logits", "float32", ("n", s.vocab_size)),)),
+        "decode": EntryPoint("decode", (T("ids", "input_ids", "int32", (1,)), kv, params),
+                             (T("logits", "logits", "float32", (1, s.vocab_size)),)),
     }
+    if host_loop:
+        hidden = T("x", "hidden", "float32", ("tokens", s.hidden_size))
+        outputs = (T("logits", "logits", "float32", ("tokens", s.vocab_size)),)
+        if s.exit_gate:
+            outputs += (T("exit_score", "exit_score", "float32", ("tokens", 1)),)
+        out.update({
+            "create_step_kv_cache": EntryPoint("create_step_kv_cache", cache.inputs, cache.outputs),
+            "prologue": EntryPoint("prologue", (T("ids", "input_ids", "int32", ("tokens",)), params), (hidden,)),
+            "block": EntryPoint("block", (hidden, kv, T("depth", "depth", "int32", ("tokens",)),
+                                          T("pos", "positions", "int32", ("tokens",)), params), (hidden,)),
+            "epilogue": EntryPoint("epilogue", (hidden, params), outputs),
+        })
+    return out

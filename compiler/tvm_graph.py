@@ -2,11 +2,17 @@
 
 Module layout (DESIGN section 4)::
 
-    create_kv_cache(R.Shape([batch, total, chunk, page, sliding]))  -> TIRPagedKVCache
-    prefill(ids [s], kv, params)      -> logits [1, V]  (last position)
-    prefill_all(ids [s], kv, params)  -> logits [s, V]
-    decode(ids [1], kv, params)       -> logits [1, V]
+    create_kv_cache(R.Shape([batch, total, chunk, page, sliding]))  -> TIRPagedKVCache (L layers)
+    forward(ids [s], kv, logit_pos [n], params) -> logits [n, V]   rows' tokens concatenated (ragged);
+                                                                  logits at the chosen positions
+    decode(ids [1], kv, params)                 -> logits [1, V]   one stream, one token (s = 1 static)
     stage{i}_{mode}(x, kv, pos, params, R.Shape([n]))   private, recursive
+  the host-driven loop (models with one looped stage):
+    create_step_kv_cache(...)                   -> TIRPagedKVCache (K layers; a sequence per
+                                                   (stream, depth), so one call mixes depths)
+    prologue(ids [s], params)                   -> hidden [s, H]
+    block(x [s, H], kv, depth [s], pos [s], params) -> hidden [s, H]   one pass, each token at its depth
+    epilogue(x [s, H], params)                  -> logits [s, V] (and the exit gate's [s, 1])
 
 A stage with R repeats is one private function that runs its K blocks once and calls itself
 with the host-side shape counter ``n + 1`` while ``n + 1 < R``: the IR is constant in R, there
@@ -27,10 +33,9 @@ from tvm.relax.utils import gen_call_tir_inputs
 
 from edgeloop.compiler import tvm_ops as ops
 from edgeloop.compiler import tvm_schedule as sched
-from edgeloop.compiler.tvm_params import ParamTable, linear_groups
+from edgeloop.compiler.block_layout import groups
+from edgeloop.compiler.tvm_params import ParamTable
 from edgeloop.spec import ModelSpec, Recursion
-
-MODES = ("prefill", "prefill_all", "decode")
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
 
 
@@ -49,7 +54,8 @@ class GraphBuilder:
                  target: tvm.target.Target, cpu_schedules: bool):
         self.spec, self.recursion, self.params = spec, recursion, params
         self.t, self.target, self.cpu = tile, target, cpu_schedules
-        self.groups = {g.name: g for g in linear_groups(spec, recursion)}
+        self.groups = {g.name: g for g in groups(spec, recursion)}
+        self.host_loop = len(recursion.stages) == 1
         self.bb = relax.BlockBuilder()
         self.kernels: dict[str, int] = {}  # kernel name -> call sites
         self._cache: dict[tuple, relax.Var] = {}
@@ -57,29 +63,33 @@ class GraphBuilder:
     # -- module ----------------------------------------------------------------------------
 
     def build(self) -> tvm.IRModule:
-        self._emit_create_kv_cache()
-        for kind in ("prefill", "decode"):  # prefill_all runs the prefill stages
+        self._emit_create_kv_cache("create_kv_cache", self.recursion.num_depths)
+        for kind in ("prefill", "decode"):
             stages = [self._emit_stage(i, kind) for i in range(len(self.recursion.stages))]
-            for mode in MODES:
-                if mode == kind or (kind == "prefill" and mode == "prefill_all"):
-                    self._emit_entry(mode, stages)
+            self._emit_entry("forward" if kind == "prefill" else "decode", stages)
+        if self.host_loop:
+            self._emit_create_kv_cache("create_step_kv_cache", len(self.recursion.stages[0].blocks))
+            self._emit_prologue()
+            self._emit_block()
+            self._emit_epilogue()
         mod = self.bb.get()
         # drop the bodies built under temporary names (their code now lives in the stubs' slots)
-        return tvm.IRModule({gv: f for gv, f in mod.functions.items() if not gv.name_hint.endswith("__impl")})
+        return _unique_symbols(tvm.IRModule({gv: f for gv, f in mod.functions.items()
+                                             if not gv.name_hint.endswith("__impl")}))
 
     def _params_type(self) -> relax.TupleType:
         return relax.TupleType([relax.TensorType(a.shape, str(a.dtype)) for a in self.params.arrays])
 
-    def _emit_create_kv_cache(self) -> None:
+    def _emit_create_kv_cache(self, name: str, layers: int) -> None:
         s = self.spec
         dims = [tirx.Var(n, "int64") for n in KV_CACHE_ARGS]
         cfg = relax.Var("cfg", relax.ShapeType(dims))
-        with self.bb.function("create_kv_cache", [cfg]):
+        with self.bb.function(name, [cfg]):
             cache = TIRPagedKVCache(
                 attn_kind="mha", max_batch_size=dims[0], max_total_seq_len=dims[1], prefill_chunk_size=dims[2],
                 page_size=dims[3], support_sliding_window=dims[4],
-                layer_partition=relax.ShapeExpr([0, self.recursion.num_depths]),
-                num_hidden_layers=self.recursion.num_depths, num_attention_heads=s.num_heads,
+                layer_partition=relax.ShapeExpr([0, layers]),
+                num_hidden_layers=layers, num_attention_heads=s.num_heads,
                 num_key_value_heads=s.num_kv_heads, qk_head_dim=s.head_dim, v_head_dim=s.head_dim,
                 mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
                 rope_mode=RopeMode.NONE,  # RoPE is ours (tables shared with the reference)
@@ -87,25 +97,79 @@ class GraphBuilder:
                 rotary_dim=s.rotary_dim, enable_disaggregation=False, dtype="float32", target=self.target)
             self.bb.emit_func_output(self.bb.emit(cache._expr))
 
-    def _emit_entry(self, mode: str, stages: list[relax.GlobalVar]) -> None:
+    def _embed(self, scope: Scope, ids) -> relax.Var:
         s = self.spec
+        tied = s.tie_embeddings
+        table = self._param(scope, "head.W" if tied else "embed")
+        return self._op("embed", ops.embed, [ids, table], dict(hidden=s.hidden_size, scale=float(s.embed_scale),
+                                                               t=self.t if tied else 0), scope, None)
+
+    def _head(self, scope: Scope, x, pick=None) -> relax.Var:
+        """Final norm (unless every pass already ends with it) and LM head, of the rows `pick` (or all)."""
+        if not self.spec.loop_norm or pick is not None:
+            x = self._norm(scope, x, "final_norm", 0, pick=pick, apply=not self.spec.loop_norm)
+        return self._dense(scope, x, "head", self.spec.vocab_size, 0)
+
+    def _emit_entry(self, mode: str, stages: list[relax.GlobalVar]) -> None:
         seq = 1 if mode == "decode" else tirx.Var("s", "int64")
         ids = relax.Var("ids", relax.TensorType([seq], "int32"))
         kv = relax.Var("kv", relax.ObjectType())
+        pick = relax.Var("logit_pos", relax.TensorType([tirx.Var("n", "int64")], "int32")) if mode == "forward" \
+            else None
         params = relax.Var("params", self._params_type())
-        with self.bb.function(mode, [ids, kv, params]):
+        with self.bb.function(mode, [ids, kv] + ([pick] if pick is not None else []) + [params]):
             scope = Scope(params, kv, None, mode == "decode")
-            tied = s.tie_embeddings
-            table = self._param(scope, "head.W" if tied else "embed")
-            x = self._op("embed", ops.embed, [ids, table], dict(hidden=s.hidden_size, scale=float(s.embed_scale),
-                                                                 t=self.t if tied else 0), scope, None)
+            x = self._embed(scope, ids)
             pos = self.bb.emit(relax.call_pure_packed("vm.builtin.attention_kv_cache_get_query_positions", kv,
                                                       ty_args=relax.TensorType([seq], "int32")))
             for gv in stages:
                 x = self.bb.emit(relax.Call(gv, [x, kv, pos, params, relax.ShapeExpr([0])]))
-            h = self._norm(scope, x, "final_norm", 0, last_only=mode != "prefill_all")
+            self.bb.emit_func_output(self._head(scope, x, pick))
+
+    # -- the host-driven loop --------------------------------------------------------------
+
+    def _emit_prologue(self) -> None:
+        ids = relax.Var("ids", relax.TensorType([tirx.Var("s", "int64")], "int32"))
+        params = relax.Var("params", self._params_type())
+        with self.bb.function("prologue", [ids, params]):
+            self.bb.emit_func_output(self._embed(Scope(params, None, None, False), ids))
+        self._cache.clear()
+
+    def _emit_block(self) -> None:
+        """One pass of the looped stage; token i runs at depth[i] (its LoRA, vectors and, through the
+        sequence the host declared for it, its KV), RoPE at the positions the host gives."""
+        seq = tirx.Var("s", "int64")
+        x = relax.Var("x", relax.TensorType([seq, self.spec.hidden_size], "float32"))
+        kv = relax.Var("kv", relax.ObjectType())
+        depth = relax.Var("depth", relax.TensorType([seq], "int32"))
+        pos = relax.Var("pos", relax.TensorType([seq], "int32"))
+        params = relax.Var("params", self._params_type())
+        with self.bb.function("block", [x, kv, depth, pos, params]):
+            scope = Scope(params, kv, pos, False)
+            with self.bb.dataflow():
+                y = x
+                for j, u in enumerate(self.recursion.stages[0].blocks):
+                    y = self._layer(scope, y, u, depth, j)
+                if self.spec.loop_norm:
+                    y = self._norm(scope, y, "final_norm", 0)
+                y = self.bb.emit_output(y)
+            self.bb.emit_func_output(y)
+        self._cache.clear()
+
+    def _emit_epilogue(self) -> None:
+        s = self.spec
+        x = relax.Var("x", relax.TensorType([tirx.Var("s", "int64"), s.hidden_size], "float32"))
+        params = relax.Var("params", self._params_type())
+        with self.bb.function("epilogue", [x, params]):
+            scope = Scope(params, None, None, False)
+            h = x if s.loop_norm else self._norm(scope, x, "final_norm", 0)
             logits = self._dense(scope, h, "head", s.vocab_size, 0)
-            self.bb.emit_func_output(logits)
+            if s.exit_gate:  # sigmoid(w . h + b): the probability of exiting at this pass
+                gate = self._dense(scope, h, "exit_gate", 1, 0, act="sigmoid", name="exit_gate")
+                self.bb.emit_func_output(relax.Tuple([logits, gate]))
+            else:
+                self.bb.emit_func_output(logits)
+        self._cache.clear()
 
     def _emit_stage(self, index: int, mode: str) -> relax.GlobalVar:
         """The recursive function of stage `index` (see the module docstring)."""
@@ -125,6 +189,8 @@ class GraphBuilder:
                 for j, u in enumerate(stage.blocks):
                     layer_id = first_depth + n * len(stage.blocks) + j
                     y = self._layer(scope, y, u, n, layer_id)
+                if self.spec.loop_norm:  # Ouro: the final norm closes every pass and feeds the next
+                    y = self._norm(scope, y, "final_norm", 0)
                 y = self.bb.emit_output(y)
             if stage.repeats > 1:
                 again = relax.Call(gv, [y, kv, pos, params, relax.ShapeExpr([n + 1])])
@@ -187,11 +253,12 @@ class GraphBuilder:
 
     def _linear(self, scope: Scope, x, u: int, group: str, r, *, residual=None, act=None, gated=False):
         g, pre = self.groups[group], f"blocks.{u}.{group}"
-        lora = None
-        if g.rank:  # t = x A[r]^T for the whole group, one small matmul
-            lora = self._dense(scope, x, f"{pre}.A", len(g.members) * g.rank, r, name="lora_a")
-        seg_tiles = tuple(start // self.t for start in g.segment_starts())
-        return self._dense(scope, x, pre, g.out_features, r, lora=lora, rank=g.rank, seg_tiles=seg_tiles,
+        lora, rank = None, 0
+        if self.params.has(f"{pre}.A"):  # t = x A[r]^T for the whole group, one small matmul
+            rank = g.max_rank
+            lora = self._dense(scope, x, f"{pre}.A", len(g.members) * rank, r, name="lora_a")
+        seg_tiles = tuple(m.out_offset // self.t for m in g.members)
+        return self._dense(scope, x, pre, g.out_features, r, lora=lora, rank=rank, seg_tiles=seg_tiles,
                            residual=residual, act=act, gated=gated, name=group)
 
     def _dense(self, scope: Scope, x, prefix: str, out: int, r, *, lora=None, rank=0, seg_tiles=(0,),
@@ -222,14 +289,15 @@ class GraphBuilder:
         block = kdim // int(self.params.shape(f"{prefix}.Ws")[-2])
         return self._param(scope, f"{prefix}.Wq"), scales, zeros, {"block": block}
 
-    def _norm(self, scope: Scope, x, prefix: str, r, *, last_only: bool = False) -> relax.Var:
+    def _norm(self, scope: Scope, x, prefix: str, r, *, pick=None, apply: bool = True) -> relax.Var:
+        """The norm of the rows of x (or of the rows `pick`; apply=False only gathers them)."""
         s = self.spec
         w = self._param(scope, f"{prefix}.weight")
         b = self._param(scope, f"{prefix}.bias") if s.norm_has_bias else None
-        return self._op("layer_norm" if s.norm == "layer" else "rms_norm", ops.norm, [x, w, b, r],
-                        dict(kind=s.norm, eps=s.norm_eps, last_only=last_only), scope,
-                        lambda sch: sched.schedule_rows(sch, out="norm", producers=("sumsq", "sum"),
-                                                        decode=scope.decode or last_only))
+        name = ("layer_norm" if s.norm == "layer" else "rms_norm") if apply else "gather_rows"
+        return self._op(name, ops.norm, [x, w, b, r, pick], dict(kind=s.norm if apply else "none", eps=s.norm_eps),
+                        scope, lambda sch: sched.schedule_rows(sch, out="norm", producers=("sumsq", "sum"),
+                                                               decode=scope.decode))
 
     def _param(self, scope: Scope, name: str) -> relax.Var:
         key = (scope.params, name)
@@ -248,3 +316,17 @@ class GraphBuilder:
         gv = self.bb.add_func(func, kernel)
         self.kernels[gv.name_hint] = self.kernels.get(gv.name_hint, 0) + 1
         return self.bb.emit(relax.call_tir(gv, call_args, out_ty))
+
+
+def _unique_symbols(mod: tvm.IRModule) -> tvm.IRModule:
+    """Two KV caches (fused and step) register some kernels twice under one global symbol (the
+    decode kernel, the debug reader sized by the layer count); give the second copies their own."""
+    seen: set[str] = set()
+    for gv, func in list(mod.functions.items()):
+        symbol = func.attrs.get("global_symbol") if func.attrs else None
+        if symbol is None:
+            continue
+        if str(symbol) in seen:
+            mod[gv] = func.with_attr("global_symbol", gv.name_hint)
+        seen.add(str(symbol))
+    return mod

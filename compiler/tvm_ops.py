@@ -16,16 +16,23 @@ from tvm import te, tirx
 
 ACT = {
     "silu": lambda x: x * tirx.sigmoid(x),
+    "sigmoid": lambda x: tirx.sigmoid(x),
     "gelu": lambda x: 0.5 * x * (1.0 + tirx.erf(x * (1.0 / math.sqrt(2.0)))),
     "gelu_tanh": lambda x: 0.5 * x * (1.0 + tirx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x))),
 }
 
 
-def _packed(w: te.Tensor, r, o, k, t: int):
-    """Element (o, k) of a packed matrix [O/T, K, T], or of repeat r of a stack [R, O/T, K, T]."""
+def _rep(r, i):
+    """The repeat selecting per-depth tensors for row i: r itself (a loop counter, or 0), or — in the
+    host-driven block step, where every token sits at its own depth — r[i] of a per-token tensor."""
+    return r[i] if isinstance(r, te.Tensor) else r
+
+
+def _packed(w: te.Tensor, r, o, k, t: int, i=None):
+    """Element (o, k) of a packed matrix [O/T, K, T], or of repeat r (of row i) of a stack [R, O/T, K, T]."""
     if len(w.shape) == 3:
         return w[o // t, k, o % t]
-    return w[r, o // t, k, o % t]
+    return w[_rep(r, i), o // t, k, o % t]
 
 
 def _int4(codes: te.Tensor, scales: te.Tensor, zeros, o, k, t: int, block: int):
@@ -76,14 +83,16 @@ def dense(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, *, out_featu
     xr = _row_reader(x, clamp=rows > 1)
     lt_row = (lambda i: tirx.min(i, s - 1)) if rows > 1 else (lambda i: i)
     k = te.reduce_axis((0, kdim), name="k")
+    per_row = isinstance(r, te.Tensor)
+    rep = (lambda i: r[tirx.min(i, s - 1)]) if per_row else (lambda i: r)  # padded rows read the last row's
     if w_scale is None:
-        weight = lambda o, k: _packed(w, r, o, k, t)  # noqa: E731
+        weight = lambda i, o, k: _packed(w, rep(i) if per_row else r, o, k, t)  # noqa: E731
     else:
-        weight = lambda o, k: _int4(w, w_scale, w_zero, o, k, t, block)  # noqa: E731
-    y = te.compute((sp, padded), lambda i, o: te.sum(xr(i, k) * weight(o, k), axis=k), name="matmul")
+        weight = lambda i, o, k: _int4(w, w_scale, w_zero, o, k, t, block)  # noqa: E731
+    y = te.compute((sp, padded), lambda i, o: te.sum(xr(i, k) * weight(i, o, k), axis=k), name="matmul")
     terms = [lambda i, o: y[i, o]]
     if bias is not None:
-        terms.append(lambda i, o: bias[r, o])
+        terms.append(lambda i, o: bias[rep(i), o])
     if lora_t is not None:
         j = te.reduce_axis((0, rank), name="j")
 
@@ -91,7 +100,7 @@ def dense(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, *, out_featu
             return reduce(lambda acc, st: acc + tirx.if_then_else(tile >= st, 1, 0), seg_tiles[1:], tirx.const(0, "int64"))
 
         lb = te.compute((sp, padded), lambda i, o: te.sum(
-            lora_t[lt_row(i), member(o // t) * rank + j] * lora_b[r, o // t, j, o % t], axis=j), name="lora_b")
+            lora_t[lt_row(i), member(o // t) * rank + j] * lora_b[rep(i), o // t, j, o % t], axis=j), name="lora_b")
         terms.append(lambda i, o: lb[i, o])
     if residual is not None:
         terms.append(lambda i, o: residual[i, o])
@@ -104,23 +113,28 @@ def dense(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, *, out_featu
     return z
 
 
-def norm(x, w, b, r, *, kind: str, eps: float, last_only: bool = False):
-    """RMSNorm / LayerNorm over the last axis with the repeat-r weights; last_only: of the last row only."""
+def norm(x, w, b, r, pick, *, kind: str, eps: float):
+    """RMSNorm / LayerNorm over the last axis with the repeat-r weights, of every row of x or of the
+    rows `pick` [n] (the positions whose logits are wanted); kind "none" only gathers the rows."""
     s, h = x.shape
-    rows = 1 if last_only else s
+    rows = s if pick is None else pick.shape[0]
 
     def xr(i, c):
-        return x[s - 1, c] if last_only else x[i, c]
+        return x[i, c] if pick is None else x[pick[i], c]
+
+    if kind == "none":
+        return te.compute((rows, h), lambda i, c: xr(i, c), name="norm")
 
     k = te.reduce_axis((0, h), name="k")
+    rep = lambda i: _rep(r, i)  # noqa: E731
     if kind == "rms":
         ss = te.compute((rows,), lambda i: te.sum(xr(i, k) * xr(i, k), axis=k), name="sumsq")
-        return te.compute((rows, h), lambda i, c: xr(i, c) * tirx.rsqrt(ss[i] / h + eps) * w[r, c], name="norm")
+        return te.compute((rows, h), lambda i, c: xr(i, c) * tirx.rsqrt(ss[i] / h + eps) * w[rep(i), c], name="norm")
     mean = te.compute((rows,), lambda i: te.sum(xr(i, k), axis=k), name="sum")
     k2 = te.reduce_axis((0, h), name="k2")
     var = te.compute((rows,), lambda i: te.sum((xr(i, k2) - mean[i] / h) * (xr(i, k2) - mean[i] / h), axis=k2), name="sumsq")
-    return te.compute((rows, h), lambda i, c: (xr(i, c) - mean[i] / h) * tirx.rsqrt(var[i] / h + eps) * w[r, c]
-                      + b[r, c], name="norm")
+    return te.compute((rows, h), lambda i, c: (xr(i, c) - mean[i] / h) * tirx.rsqrt(var[i] / h + eps) * w[rep(i), c]
+                      + b[rep(i), c], name="norm")
 
 
 def qk_rope(qkv, cos, sin, pos, q_norm, k_norm, r, *, heads: int, kv_heads: int, head_dim: int,
@@ -136,9 +150,9 @@ def qk_rope(qkv, cos, sin, pos, q_norm, k_norm, r, *, heads: int, kv_heads: int,
     if q_norm is not None:
         k = te.reduce_axis((0, d), name="k")
         ss = te.compute((s, rot_heads), lambda i, h: te.sum(src(i, h, k) * src(i, h, k), axis=k), name="sumsq")
-        weight = lambda h, c: tirx.if_then_else(h < heads, q_norm[r, c], k_norm[r, c])  # noqa: E731
-        xn = te.compute((s, rot_heads, d), lambda i, h, c: src(i, h, c) * tirx.rsqrt(ss[i, h] / d + eps) * weight(h, c),
-                        name="qk_norm")
+        weight = lambda i, h, c: tirx.if_then_else(h < heads, q_norm[_rep(r, i), c], k_norm[_rep(r, i), c])  # noqa: E731
+        xn = te.compute((s, rot_heads, d), lambda i, h, c: src(i, h, c) * tirx.rsqrt(ss[i, h] / d + eps)
+                        * weight(i, h, c), name="qk_norm")
         normed = lambda i, h, c: xn[i, h, c]  # noqa: E731
     else:
         normed = src

@@ -17,7 +17,7 @@ class TargetPlan:
     target: dict  # TVM target as a JSON dict (0.27 no longer parses "llvm -mcpu=..." strings)
     library: str  # file the compiled module is exported to
     cpu: bool  # our CPU schedules and packed tiles apply
-    runs_here: bool  # the artifact can be loaded by the Python runtime on this machine
+    device: str  # the TVM device kind the library runs on
 
 
 def _host_cpu() -> dict:
@@ -34,20 +34,21 @@ _ANDROID = {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon
 
 def plan(name: str) -> TargetPlan:
     if name == "cpu":
-        return TargetPlan(name, _host_cpu(), "model.so", cpu=True, runs_here=True)
+        return TargetPlan(name, _host_cpu(), "model.so", cpu=True, device="cpu")
     if name == "android-cpu":
-        return TargetPlan(name, dict(_ANDROID), "model.tar", cpu=True, runs_here=False)
+        return TargetPlan(name, dict(_ANDROID), "model.tar", cpu=True, device="cpu-aarch64-android")
     if name == "cuda":
         return TargetPlan(name, {"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152,
-                                       "max_threads_per_block": 1024, "thread_warp_size": 32, "host": {"kind": "llvm"}}, "model.tar", False, False)
+                                       "max_threads_per_block": 1024, "thread_warp_size": 32, "host": {"kind": "llvm"}}, "model.tar", False, "cuda")
     if name == "android-opencl":
-        return TargetPlan(name, {"kind": "opencl", "device": "adreno", "host": dict(_ANDROID)}, "model.tar", False, False)
+        return TargetPlan(name, {"kind": "opencl", "device": "adreno", "host": dict(_ANDROID)}, "model.tar", False,
+                          "opencl")
     if name == "ios-metal":
         return TargetPlan(name, {"kind": "metal", "host": {"kind": "llvm", "mtriple": "arm64-apple-darwin"}},
-                          "model.tar", False, False)
+                          "model.tar", False, "metal")
     if name == "webgpu":
         return TargetPlan(name, {"kind": "webgpu", "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}},
-                          "model.tar", False, False)
+                          "model.tar", False, "webgpu")
     raise EdgeloopError(f"unknown TVM target {name!r}; choose cpu, cuda, android-cpu, android-opencl, ios-metal or webgpu")
 
 

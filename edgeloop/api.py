@@ -6,8 +6,7 @@ from pathlib import Path
 
 from edgeloop.errors import EdgeloopError
 from edgeloop.fileio import require_dir
-from edgeloop.runtimes.artifact import MANIFEST as ARTIFACT_MANIFEST
-
+from edgeloop.runtimes.contract import MANIFEST as ARTIFACT_MANIFEST
 
 
 def load(path: str | Path, **backend_options):
@@ -37,6 +36,8 @@ def load_reference_model(path: Path):
                                      vanilla_recursion)
     from edgeloop.reference import ReferenceBackend, ReferenceModel
     from edgeloop.runtimes.model import Model
+    from edgeloop.runtimes.sampling import generation_defaults_from
+    from edgeloop.runtimes.tokenizer import resolve_tokenizer
 
     if is_model_dir(path):
         md = read_model_dir(path)
@@ -49,4 +50,5 @@ def load_reference_model(path: Path):
             tensors.update({f"blocks.{i}.{k}": v for k, v in layer.items()})
         model = ReferenceModel(ck.spec, vanilla_recursion(ck.spec), tensors)
         gen = generation_defaults(path, ck.config)
-    return Model(ReferenceBackend(model), path, gen, {"backend": "reference"})
+    section, template = resolve_tokenizer(path, gen, model.spec.vocab_size)
+    return Model(ReferenceBackend(model), path, generation_defaults_from(gen), tokenizer=section, template=template)

@@ -49,9 +49,16 @@ def _open_safetensors(path: Path):
         raise EdgeloopError(f"cannot read {path}: {e}; the file is corrupt or truncated, re-download or re-save it") from None
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
 def _read_tensor(handle, name: str, path: Path) -> np.ndarray:
     from safetensors import SafetensorError
 
+    dtype = handle.get_slice(name).get_dtype()
+    if dtype not in FLOAT_DTYPES:
+        raise EdgeloopError(f"tensor {name} in {path} is {dtype}; edgeloop reads float32, float16 and bfloat16 "
+                            "checkpoints (quantized or integer weights are not supported: de-quantize them first)")
     try:
         t = handle.get_tensor(name)
     except (SafetensorError, OSError, ValueError, TypeError) as e:
@@ -76,13 +83,16 @@ def _read_bf16(path: Path, name: str) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
-def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+def read_safetensors(files: list[Path], *, check_finite: bool = True) -> dict[str, np.ndarray]:
     out = {}
     for path in files:
         handle = _open_safetensors(path)
         with handle as h:
             for name in h.keys():
                 out[name] = _read_tensor(h, name, path)
+                if check_finite and not np.isfinite(out[name]).all():
+                    raise EdgeloopError(f"tensor {name} in {path} holds NaN or Inf values; the checkpoint is "
+                                        "broken (such a model can only produce NaN logits)")
     return out
 
 
@@ -92,11 +102,18 @@ def hf_weight_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        shards = sorted(set(read_json(index, "safetensors index").get("weight_map", {}).values()))
-        missing = [s for s in shards if not (path / s).is_file()]
+        from edgeloop.fileio import confined_file
+
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise EdgeloopError(f"{index}: weight_map must map tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
+        files = [confined_file(path, s, str(index)) for s in shards]
+        missing = [f.name for f in files if not f.is_file()]
         if not shards or missing:
             raise EdgeloopError(f"{index} lists missing shards {', '.join(missing) or '(none listed)'}; download every shard")
-        return [path / s for s in shards]
+        return files
     if any(path.glob("*.bin")) or any(path.glob("*.pth")):
         raise EdgeloopError(f"{path} has PyTorch .bin weights only; re-save it with safetensors "
                             "(model.save_pretrained(dir, safe_serialization=True))")
@@ -113,10 +130,13 @@ def read_hf_spec(path: Path) -> tuple[dict, ModelSpec]:
     if config.get("format") == FORMAT:
         raise EdgeloopError(f"{path} is already an edgeloop model dir; convert takes a Hugging Face checkpoint "
                             "(compile or run this one directly)")
-    family = family_for_model_type(config.get("model_type"))
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise EdgeloopError(f"config.json in {path}: model_type must be a string, got {model_type!r}")
+    family = family_for_model_type(model_type)
     try:
         spec = get_family(family).spec_from_config(config)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise EdgeloopError(f"inconsistent config.json in {path}: {e}") from None
     return config, spec
 
@@ -167,9 +187,12 @@ def _check_shapes(spec: ModelSpec, globals_: dict, layers: list[dict], path: Pat
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files (JSON ones validated first: a broken file fails here, not at run time)."""
     copied = []
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file():
+            if name.endswith(".json"):
+                read_json(Path(src) / name, name)
             shutil.copy2(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
@@ -187,8 +210,11 @@ def generation_defaults(path: Path, config: dict) -> dict:
         if value is not None:
             out[key] = value
     for key in ("temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "max_new_tokens"):
-        if key in gen:
+        if gen.get(key) is not None:  # null means unset, as in transformers
             out[key] = gen[key]
+    from edgeloop.runtimes.sampling import generation_defaults_from
+
+    generation_defaults_from(out)  # wrong types or ranges: one clear error now
     return out
 
 
@@ -244,7 +270,7 @@ def read_model_dir(path: Path) -> ModelDir:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise EdgeloopError(f"{weights} not found; the model directory is incomplete, re-run edgeloop convert")
-    tensors = read_safetensors([weights])
+    tensors = read_safetensors([weights], check_finite=False)
     return ModelDir(path, spec, recursion, tensors, config.get("generation", {}), config.get("source", {}))
 
 

@@ -1,7 +1,8 @@
 """The `edgeloop` command line. Flags map 1:1 onto the option dataclasses.
 
-User errors (EdgeloopError) print one line on stderr and exit with code 2; nothing else is
-caught, so bugs keep their traceback.
+User errors (EdgeloopError, and usage errors such as a wrong flag type) print one line on
+stderr and exit with code 2; nothing else is caught, so bugs keep their traceback. The
+running commands (run, chat, perplexity, bench, ...) live in `cli_run`.
 """
 
 from __future__ import annotations
@@ -23,15 +24,37 @@ err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
 
+def fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True, highlight=False)
+    sys.exit(2)
+
+
 def main() -> None:
+    from typer._click import exceptions as click_errors
+
     try:
-        app()
+        app(standalone_mode=False)
     except EdgeloopError as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        fail(_escape(str(e)))
+    except click_errors.NoArgsIsHelpError:
+        sys.exit(0)  # the help was printed
+    except click_errors.ClickException as e:  # a wrong flag, a missing argument: one line, not typer's box
+        where = f" (see 'edgeloop {e.ctx.info_name} --help')" if getattr(e, "ctx", None) and e.ctx.parent else \
+            " (see 'edgeloop --help')"
+        fail(_escape(e.format_message()) + where)
+    except click_errors.Exit as e:
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click_errors.Abort):
         err.print("interrupted")
         sys.exit(130)
+    except BrokenPipeError:  # `edgeloop run ... | head`
+        sys.exit(0)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text.replace("\n", " "))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +150,8 @@ def compile_cmd(
     calibration_text: Optional[Path] = typer.Option(None, help="held-out text for the quality report"),
     optimize: bool = typer.Option(True, help="apply portable ORT graph optimizations at compile time"),
     tune_trials: int = typer.Option(0, help="TVM: offline tuning trials (0 = tuning-free schedules)"),
-    debug_dump: bool = typer.Option(False, help="write the graph after each pipeline step to debug/"),
+    debug_dump: Optional[Path] = typer.Option(None, help="write the graph after every pipeline pass into this "
+                                                           "directory (one file per graph and pass)"),
     force: bool = typer.Option(False, "--force", help="replace an existing artifact"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
 ) -> None:
@@ -140,25 +164,31 @@ def compile_cmd(
                              keep_float=list(keep_float or []), lora_dtype=lora_dtype, scale_search=scale_search,
                              accuracy_level=accuracy_level,
                              calibration_text=str(calibration_text) if calibration_text else None, optimize=optimize,
-                             tune_trials=tune_trials, debug_dump=debug_dump)
+                             tune_trials=tune_trials, debug_dump=str(debug_dump) if debug_dump else None)
     options.validate()
     if not as_json:
         err.print(f"[dim]compile {model_dir} -> {output}: {options}[/]")
-    manifest = compile_model(model_dir, output, options, overwrite=force)
-    summary = {"output": str(output), "backend": backend, "target": target, "layout": manifest.get("layout"),
-               "bytes": sum(f["bytes"] for f in manifest["files"].values()),
-               "graph": manifest.get("graph"), "quantization": manifest.get("quantization"),
-               "quality": manifest.get("quality")}
+    contract = compile_model(model_dir, output, options, overwrite=force)
+    size = sum(f.bytes for f in contract.files.values())
+    summary = {"output": str(output), "backend": backend, "target": target, "layout": contract.layout,
+               "bytes": size, "entry_points": sorted(contract.entry_points), "graph": contract.graph,
+               "quantization": contract.quantization, "quality": contract.quality}
     if as_json:
         out.print_json(json.dumps(summary, default=str))
         return
-    out.print(f"[bold]{output}[/]: {backend}/{target}, layout {summary['layout']}, {human_bytes(summary['bytes'])}")
-    graph = manifest.get("graph") or {}
-    if graph:
+    out.print(f"[bold]{_escape(str(output))}[/]: {backend}/{target}, layout {contract.layout}, {human_bytes(size)}, "
+              f"entry points {', '.join(sorted(contract.entry_points))}")
+    graph = contract.graph or {}
+    if backend == "onnxruntime" and graph:
         out.print(f"  main graph {graph.get('main_nodes')} nodes, {graph.get('loops')} Loop(s) with "
                   f"{graph.get('loop_body_nodes')} body nodes, {graph.get('initializers')} initializers")
         out.print("  bytes: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in graph.get("bytes_by_kind", {}).items()))
-    quality = manifest.get("quality")
+    elif graph:
+        out.print(f"  {graph.get('relax_functions')} Relax functions, {graph.get('tir_kernels')} kernels, "
+                  f"{human_bytes(graph.get('param_bytes', 0))} of parameters, compiled in {graph.get('compile_s')} s")
+    for note in (contract.quantization or {}).get("notes", []):
+        err.print(f"[yellow]note:[/] {_escape(note)}")
+    quality = contract.quality
     if quality:
         out.print("  quality vs fp32: " + ", ".join(f"{k} {v}" for k, v in quality.items()))
 
@@ -195,162 +225,7 @@ def _print_info(info: dict, indent: str = "") -> None:
             out.print(f"{indent}{key}: {value}")
 
 
-# ---------------------------------------------------------------------------------------------
-# run
-
-
-def _generation_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
-                        truncate) -> dict:
-    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-            "min_p": min_p, "repetition_penalty": repetition_penalty, "seed": seed, "stop": list(stop or []),
-            "truncate": truncate}
-
-
-@app.command()
-def run(
-    path: Path = typer.Argument(..., help="artifact (or model dir, run on the PyTorch reference)"),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="text to continue"),
-    max_new_tokens: int = typer.Option(64, help="tokens to generate"),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default unless the model says otherwise)"),
-    top_k: Optional[int] = typer.Option(None, help="keep the k most likely tokens (0 = off)"),
-    top_p: Optional[float] = typer.Option(None, help="nucleus sampling mass in (0, 1]"),
-    min_p: Optional[float] = typer.Option(None, help="drop tokens below min_p x the top probability"),
-    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages repeats"),
-    seed: Optional[int] = typer.Option(None, help="RNG seed for reproducible sampling"),
-    stop: Optional[List[str]] = typer.Option(None, help="stop string (repeatable)"),
-    truncate: bool = typer.Option(False, help="keep the end of a prompt longer than the context"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object (text + timings) instead of streaming"),
-) -> None:
-    """Generate text, streaming it to stdout; timings go to stderr."""
-    import edgeloop
-
-    model = edgeloop.load(path)
-    options = _generation_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
-                                  truncate)
-    config = model.generation_config(**options)
-    if as_json:
-        text = "".join(model.stream(prompt, config=config))
-        out.print_json(json.dumps({"prompt": prompt, "text": text, "stats": model.last_stats.to_dict()}))
-        return
-    sys.stdout.write(prompt)
-    for piece in model.stream(prompt, config=config):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()  # the text ends before the timings start on a shared terminal
-    s = model.last_stats
-    err.print(f"[dim]{s.prompt_tokens} prompt tokens, {s.new_tokens} new ({s.finish_reason}) | "
-              f"time to first token {s.prefill_s * 1000:.1f} ms | prefill {s.prefill_tok_s:.1f} tok/s | "
-              f"decode {s.decode_tok_s:.1f} tok/s[/]")
-
-
-@app.command()
-def chat(
-    path: Path = typer.Argument(..., help="artifact (or model dir)"),
-    system: Optional[str] = typer.Option(None, help="system prompt"),
-    max_new_tokens: int = typer.Option(256, help="tokens per reply"),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy"),
-    top_p: Optional[float] = typer.Option(None, help="nucleus sampling mass"),
-    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages repeats"),
-    seed: Optional[int] = typer.Option(None, help="RNG seed"),
-) -> None:
-    """Interactive chat with the model's chat template; the KV cache is reused across turns."""
-    import edgeloop
-
-    model = edgeloop.load(path)
-    session = model.chat(system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         repetition_penalty=repetition_penalty, seed=seed)
-    if model.tokenizer.chat_template is None:
-        err.print("[dim]no chat template in the tokenizer config: using a plain 'User:/Assistant:' transcript[/]")
-    err.print("[dim]empty line or Ctrl-D to quit[/]")
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        for piece in session.send_stream(line):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        s = model.last_stats
-        err.print(f"[dim]{s.new_tokens} tokens, first after {s.prefill_s * 1000:.0f} ms, "
-                  f"{s.decode_tok_s:.1f} tok/s, {session.state.length} in cache[/]")
-
-
-@app.command()
-def perplexity(
-    path: Path = typer.Argument(..., help="artifact, model dir or HF checkpoint"),
-    text_file: Path = typer.Option(..., "--text-file", "-f", help="UTF-8 text to score"),
-    window: Optional[int] = typer.Option(None, help="tokens per scoring window (default: the context)"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-) -> None:
-    """Perplexity of a text file (non-overlapping windows)."""
-    import time
-
-    import edgeloop
-
-    if not text_file.is_file():
-        raise EdgeloopError(f"text file not found: {text_file}")
-    text = text_file.read_text(encoding="utf-8")
-    model = edgeloop.load(path)
-    start = time.perf_counter()
-    ppl = model.perplexity(text, window=window)
-    tokens = len(model.tokenizer.encode(text))
-    result = {"path": str(path), "text_file": str(text_file), "tokens": tokens, "perplexity": round(ppl, 4),
-              "seconds": round(time.perf_counter() - start, 2)}
-    if as_json:
-        out.print_json(json.dumps(result))
-    else:
-        out.print(f"perplexity {ppl:.3f} over {tokens} tokens ({result['seconds']} s)")
-
-
-@app.command()
-def bench(
-    paths: List[Path] = typer.Argument(..., help="artifacts and/or model dirs (PyTorch reference), measured together"),
-    prefill_tokens: int = typer.Option(128, help="prompt length for the prefill latency"),
-    contexts: str = typer.Option("128,1024", help="comma-separated contexts for decode tok/s"),
-    decode_steps: int = typer.Option(32, help="decode steps timed per measurement"),
-    rounds: int = typer.Option(3, help="interleaved rounds (min/median/max over them)"),
-    threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
-    rss: bool = typer.Option(True, help="measure peak RSS per model in a subprocess"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="write decode tok/s vs context as a PNG"),
-) -> None:
-    """Prefill latency, decode tok/s and peak RSS, several models interleaved in one run."""
-    from edgeloop.runtimes.bench import BenchConfig, plot, run_bench, to_json
-
-    try:
-        ctx = tuple(int(c) for c in contexts.split(",") if c.strip())
-    except ValueError:
-        raise EdgeloopError(f"--contexts must be comma-separated integers, got {contexts!r}") from None
-    config = BenchConfig(prefill_tokens=prefill_tokens, contexts=ctx, decode_steps=decode_steps, rounds=rounds,
-                         threads=threads, rss=rss)
-    names = _unique_names(paths)
-    results = run_bench([str(p) for p in paths], config, names,
-                        progress=None if as_json else lambda r: err.print(f"[dim]round {r}/{rounds} done[/]"))
-    if plot_path:
-        plot(results, plot_path)
-    if as_json:
-        out.print_json(to_json(results, config))
-        return
-    table = Table(title=f"prefill {prefill_tokens} tokens, decode {decode_steps} steps, {rounds} rounds (median)")
-    for col in ["model", "backend", "prefill ms"] + [f"decode tok/s @{c}" for c in ctx] + ["peak RSS MB", "disk MB"]:
-        table.add_column(col, justify="left" if col in ("model", "backend") else "right")
-    import statistics
-
-    for r in results:
-        table.add_row(r.name, r.backend, f"{statistics.median(r.prefill_ms):.1f}",
-                      *[f"{statistics.median(r.decode_tok_s[c]):.1f}" for c in ctx],
-                      f"{r.peak_rss_mb}" if r.peak_rss_mb is not None else "-", f"{r.bytes_on_disk / 1e6:.1f}")
-    out.print(table)
-
-
-def _unique_names(paths: List[Path]) -> list[str]:
-    names = [p.name for p in paths]
-    return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
-
+import edgeloop.cli_run  # noqa: E402,F401 - registers the running commands on `app`
 
 if __name__ == "__main__":
     main()

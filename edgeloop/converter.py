@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeloop.checkpoint import generation_defaults, read_hf_checkpoint, write_model_dir
-from edgeloop.fileio import atomic_output_dir
+from edgeloop.fileio import atomic_output_dir, check_output, read_text
 from edgeloop.params import ParamCounts, count_params
 from edgeloop.recursion import RankChoice, build_recursive, parse_rank
 from edgeloop.spec import ModelSpec, Recursion
+
+
+HELDOUT = "heldout.txt"
 
 
 @dataclass(frozen=True)
@@ -44,17 +47,26 @@ def convert(hf_dir: str | Path, out: str | Path, options: ConvertOptions | None 
     options = options or ConvertOptions(**kwargs)
     hf_dir, out = Path(hf_dir), Path(out)
     ranks = RankChoice(parse_rank(options.lora_rank), parse_rank(options.lora_rank_attn), parse_rank(options.lora_rank_mlp))
+    check_output(out, (hf_dir,))  # before minutes of work: an output that would destroy the input
     ckpt = read_hf_checkpoint(hf_dir)
+    generation = generation_defaults(hf_dir, ckpt.config)
+    if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "tokenizer_config.json").is_file():
+        from edgeloop.runtimes.tokenizer import resolve_tokenizer
+
+        resolve_tokenizer(hf_dir, generation, ckpt.spec.vocab_size)  # a broken tokenizer fails now, not at run time
     recursion, tensors = build_recursive(
         ckpt.spec, ckpt.globals, ckpt.layers, loops=options.loops, sharing=options.sharing, init=options.init,
         ranks=ranks, share_norms=options.share_norms, svd_dtype=options.svd_dtype, svd=options.svd, progress=progress)
     source = {"path": str(hf_dir.resolve()), "model_type": ckpt.config.get("model_type"),
               "num_layers": ckpt.spec.num_layers}
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_model_dir(tmp, ckpt.spec, recursion, tensors, generation=generation_defaults(hf_dir, ckpt.config),
-                        source=source, tokenizer_from=hf_dir)
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(hf_dir,)) as tmp:
+        write_model_dir(tmp, ckpt.spec, recursion, tensors, generation=generation, source=source,
+                        tokenizer_from=hf_dir)
         # kept so `edgeloop export-merged` can write the equivalent vanilla checkpoint
         shutil.copy2(hf_dir / "config.json", tmp / "hf_config.json")
+        if (hf_dir / HELDOUT).is_file():  # held-out text shipped with a checkpoint: quality reports use it
+            read_text(hf_dir / HELDOUT, "held-out text")
+            shutil.copy2(hf_dir / HELDOUT, tmp / HELDOUT)
     notes = []
     if not (hf_dir / "tokenizer.json").is_file():
         notes.append("no tokenizer.json in the checkpoint: generate() from text will not work, logits() will")

@@ -17,7 +17,7 @@ from edgeloop.checkpoint import TOKENIZER_FILES, read_model_dir
 from edgeloop.errors import EdgeloopError
 from edgeloop.families import get_family
 from edgeloop.families.common import to_hf
-from edgeloop.fileio import atomic_output_dir
+from edgeloop.fileio import atomic_output_dir, read_json
 
 HF_CONFIG = "hf_config.json"  # the original config.json, kept by `edgeloop convert`
 
@@ -51,10 +51,10 @@ def export_merged(model_dir: str | Path, out: str | Path, *, dtype: str = "float
     config_path = model_dir / HF_CONFIG
     if not config_path.is_file():
         raise EdgeloopError(f"{model_dir} has no {HF_CONFIG} (converted by an older edgeloop); convert it again")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path, HF_CONFIG)
     globals_ = {k: v for k, v in md.tensors.items() if not k.startswith("blocks.")}
     tensors = to_hf(get_family(md.spec.family).weight_map(md.spec), globals_, merged_layers(md))
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(model_dir,)) as tmp:
         save_file({k: v.astype(dtype) for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         config["torch_dtype"] = config["dtype"] = dtype

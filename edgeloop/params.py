@@ -78,3 +78,25 @@ def human_bytes(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.1f} {unit}"
     return f"{int(n)} B"
+
+
+def describe_model(spec: ModelSpec, recursion: Recursion) -> dict:
+    looped = [s for s in recursion.stages if s.repeats > 1]
+    return {
+        "family": spec.family,
+        "layers": spec.num_layers,
+        "unique_blocks": recursion.num_blocks,
+        "shared_per_loop": recursion.shared_per_loop,
+        "loops": recursion.loops,
+        "sharing": recursion.sharing,
+        "init": recursion.init,
+        "stages": [{"blocks": list(s.blocks), "repeats": s.repeats} for s in recursion.stages],
+        "looped_stages": len(looped),
+        "lora_ranks": recursion.lora_ranks,
+        "per_depth_vectors": recursion.per_depth_vectors,
+        "hidden_size": spec.hidden_size,
+        "heads": f"{spec.num_heads}q/{spec.num_kv_heads}kv x {spec.head_dim}",
+        "vocab_size": spec.vocab_size,
+        "max_position": spec.max_position,
+        "params": count_params(spec, recursion).to_dict(),
+    }

@@ -19,21 +19,31 @@ from edgeloop.spec import Depth, ModelSpec, Recursion, rope_inv_freq
 
 @dataclass
 class KVCache:
-    """One (k, v) pair per depth position, each [batch, kv_heads, seen, head_dim]."""
+    """One (k, v) buffer per depth position, each [batch, kv_heads, capacity, head_dim], written at
+    explicit positions (the host-driven loop writes depths out of order, fills skipped ones)."""
 
-    layers: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
     length: int = 0
 
     @classmethod
     def empty(cls, num_depths: int) -> KVCache:
-        return cls([None] * num_depths, 0)
+        return cls([None] * num_depths, [None] * num_depths, 0)
 
-    def update(self, d: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        old = self.layers[d]
-        if old is not None:
-            k, v = torch.cat([old[0], k], dim=2), torch.cat([old[1], v], dim=2)
-        self.layers[d] = (k, v)
-        return k, v
+    def write(self, d: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [b, kvh, t, hd] at positions [start, start + t) of depth d; the cache up to there."""
+        end = start + k.shape[2]
+        for store in (self.keys, self.values):
+            old = store[d]
+            if old is None or old.shape[2] < end:
+                grown = k.new_zeros((k.shape[0], k.shape[1], max(end, 2 * (old.shape[2] if old is not None else 0)),
+                                     k.shape[3]))
+                if old is not None:
+                    grown[:, :, :old.shape[2]] = old
+                store[d] = grown
+        self.keys[d][:, :, start:end] = k
+        self.values[d][:, :, start:end] = v
+        return self.keys[d][:, :, :end], self.values[d][:, :, :end]
 
 
 class ReferenceModel(torch.nn.Module):
@@ -95,7 +105,7 @@ class ReferenceModel(torch.nn.Module):
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (b, heads, t, hd)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(depth.index, k, v)
+            k, v = cache.write(depth.index, start, k, v)
         rep = s.num_heads // s.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(s.head_dim)  # (b, h, t, seen)
@@ -116,37 +126,81 @@ class ReferenceModel(torch.nn.Module):
             h = self._act(self._linear(x, depth, "up"))
         return self._linear(h, depth, "down")
 
+    def _layer_norm(self, x, depth: Depth, name: str) -> torch.Tensor:
+        return self._norm(x, self._vec(depth, f"{name}.weight"), self._vec(depth, f"{name}.bias"))
+
     def _layer(self, x, depth: Depth, cache, start, cos, sin):
-        h1 = self._norm(x, self._vec(depth, "input_norm.weight"), self._vec(depth, "input_norm.bias"))
-        attn = self._attention(h1, depth, cache, start, cos, sin)
+        attn = self._attention(self._layer_norm(x, depth, "input_norm"), depth, cache, start, cos, sin)
+        if self.spec.sandwich_norms:  # Ouro: the sublayer outputs are normed before each residual add
+            attn = self._layer_norm(attn, depth, "attn_out_norm")
         if self.spec.parallel_residual:
-            h2 = self._norm(x, self._vec(depth, "post_norm.weight"), self._vec(depth, "post_norm.bias"))
-            return x + attn + self._mlp(h2, depth)
+            return x + attn + self._mlp(self._layer_norm(x, depth, "post_norm"), depth)
         x = x + attn
-        h2 = self._norm(x, self._vec(depth, "post_norm.weight"), self._vec(depth, "post_norm.bias"))
-        return x + self._mlp(h2, depth)
+        mlp = self._mlp(self._layer_norm(x, depth, "post_norm"), depth)
+        if self.spec.sandwich_norms:
+            mlp = self._layer_norm(mlp, depth, "mlp_out_norm")
+        return x + mlp
 
     # -- entry points ----------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.w["embed.weight"][input_ids] * self.spec.embed_scale
+
+    def _rope_rows(self, start: int, t: int):
+        freqs = torch.arange(start, start + t, dtype=torch.float64)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def run_depths(self, x: torch.Tensor, depths: list[Depth], cache: KVCache | None, start: int) -> torch.Tensor:
+        """The layers at `depths` (in order) on hidden states x [b, t, H] of positions start.."""
+        cos, sin = self._rope_rows(start, x.shape[1])
+        for depth in depths:
+            x = self._layer(x, depth, cache, start, cos, sin)
+        return x
+
+    def loop_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(x, self.w["final_norm.weight"], self.w.get("final_norm.bias"))
+
+    def passes(self) -> list[list[Depth]]:
+        """The depth positions grouped by loop pass: one group per repeat of each stage."""
+        out, i = [], 0
+        for stage in self.recursion.stages:
+            for _ in range(stage.repeats):
+                out.append(self.depths[i:i + len(stage.blocks)])
+                i += len(stage.blocks)
+        return out
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       num_depths: int | None = None) -> torch.Tensor:
         """Final-normed hidden states [batch, t, hidden] after `num_depths` depth positions."""
         start = cache.length if cache is not None else 0
-        t = input_ids.shape[1]
-        x = self.w["embed.weight"][input_ids] * self.spec.embed_scale
-        freqs = torch.arange(start, start + t, dtype=torch.float64)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        for depth in self.depths[:num_depths]:
-            x = self._layer(x, depth, cache, start, cos, sin)
+        x = self.embed(input_ids)
+        done = 0
+        for group in self.passes():
+            group = group[: max(0, (num_depths if num_depths is not None else len(self.depths)) - done)]
+            if not group:
+                break
+            x = self.run_depths(x, group, cache, start)
+            done += len(group)
+            if self.spec.loop_norm:
+                x = self.loop_norm(x)
         if cache is not None:
-            cache.length += t
-        return self._norm(x, self.w["final_norm.weight"], self.w.get("final_norm.bias"))
+            cache.length += input_ids.shape[1]
+        return x if self.spec.loop_norm else self.loop_norm(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed hidden states."""
+        return h @ self.w.get("lm_head.weight", self.w["embed.weight"]).T
+
+    def exit_score(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The learned exit gate's probability (Ouro) on final-normed hidden states, [.., t]."""
+        if not self.spec.exit_gate:
+            return None
+        return torch.sigmoid(h @ self.w["exit_gate.weight"].T + self.w["exit_gate.bias"])[..., 0]
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits [batch, t, vocab] for every position."""
-        head = self.w.get("lm_head.weight", self.w["embed.weight"])
-        return self.hidden_states(input_ids, cache) @ head.T
+        return self.head(self.hidden_states(input_ids, cache))
 
     def new_cache(self) -> KVCache:
         return KVCache.empty(len(self.depths))
@@ -163,9 +217,10 @@ def load_reference(path, dtype: torch.dtype = torch.float32) -> ReferenceModel:
 # The reference as a backend of the generation engine (used by edgeloop.load on model dirs)
 
 
-@dataclass
+@dataclass(eq=False)
 class ReferenceState:
     cache: KVCache
+    host: bool = False
 
     @property
     def length(self) -> int:
@@ -173,24 +228,74 @@ class ReferenceState:
 
 
 class ReferenceBackend:
+    """The oracle behind the same step interface as the artifact drivers (rows run one by one)."""
+
     name = "reference"
 
     def __init__(self, model: ReferenceModel):
         self.model = model
         self.vocab_size = model.spec.vocab_size
         self.max_context = model.spec.max_position
+        self.loops = model.recursion.loops
+        self.host_loop = len(model.recursion.stages) == 1
 
-    def new_state(self) -> ReferenceState:
-        return ReferenceState(self.model.new_cache())
+    def new_state(self, *, host: bool = False) -> ReferenceState:
+        return ReferenceState(self.model.new_cache(), host)
+
+    def reserve(self, streams: int) -> None:
+        pass
+
+    def release(self, state: ReferenceState) -> None:
+        state.cache = self.model.new_cache()
 
     @torch.no_grad()
-    def step(self, state: ReferenceState, tokens: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
-        ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(1, -1))
-        logits = self.model(ids, state.cache)[0]
-        return (logits if all_logits else logits[-1:]).float().numpy()
+    def step(self, rows):
+        from edgeloop.runtimes.backend import RowOutput
+
+        out = []
+        for row in rows:
+            ids = torch.from_numpy(np.asarray(row.tokens, dtype=np.int64).reshape(1, -1))
+            if row.state.length + ids.shape[1] > self.max_context:
+                from edgeloop.errors import EdgeloopError
+
+                raise EdgeloopError(f"{row.state.length + ids.shape[1]} tokens exceed the model context of "
+                                    f"{self.max_context}")
+            logits = self.model(ids, row.state.cache)[0]
+            out.append(RowOutput((logits if row.all_logits else logits[-1:]).float().numpy(), self.loops))
+        return out
 
     def rewind(self, state: ReferenceState, length: int) -> None:
-        cache = state.cache
-        cache.layers = [None if kv is None or length == 0 else (kv[0][:, :, :length], kv[1][:, :, :length])
-                        for kv in cache.layers]
-        cache.length = min(cache.length, length)
+        state.cache.length = min(state.cache.length, max(0, length))
+
+    def advance(self, state: ReferenceState, count: int) -> None:
+        state.cache.length += int(count)
+
+    @torch.no_grad()
+    def embed(self, rows) -> list[np.ndarray]:
+        return [self.model.embed(torch.from_numpy(np.asarray(r.tokens, np.int64)))[:].float().numpy() for r in rows]
+
+    @torch.no_grad()
+    def block(self, rows) -> list[np.ndarray]:
+        passes = self.model.passes()
+        out = []
+        for r in rows:
+            start = r.state.length if r.position is None else r.position
+            x = torch.from_numpy(np.asarray(r.hidden, np.float32)).to(self.model.dtype)[None]
+            x = self.model.run_depths(x, passes[r.depth], r.state.cache, start)
+            if self.model.spec.loop_norm:
+                x = self.model.loop_norm(x)
+            out.append(x[0].float().numpy())
+        return out
+
+    @torch.no_grad()
+    def head(self, hidden) -> list:
+        from edgeloop.runtimes.backend import RowOutput
+
+        out = []
+        for h in hidden:
+            x = torch.from_numpy(np.asarray(h, np.float32)).to(self.model.dtype)
+            normed = x if self.model.spec.loop_norm else self.model.loop_norm(x)
+            score = self.model.exit_score(normed)
+            out.append(RowOutput(self.model.head(normed).float().numpy(), 0,
+                                 None if score is None else score.float().numpy()))
+        return out

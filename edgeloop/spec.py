@@ -47,10 +47,17 @@ class ModelSpec:
     embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden_size)
     tie_embeddings: bool = False
     sliding_window: int | None = None
+    # Natively looped checkpoints (Ouro): an RMSNorm on the attention and MLP outputs before each
+    # residual add ("sandwich"), the final norm applied after every loop pass and fed to the next,
+    # and a learned exit gate Linear(hidden -> 1) scoring every pass.
+    sandwich_norms: bool = False
+    loop_norm: bool = False
+    exit_gate: bool = False
 
     def __post_init__(self):
         if self.rotary_dim == 0:
             object.__setattr__(self, "rotary_dim", self.head_dim)
+        self._check_ranges()
         if self.activation not in ACTIVATIONS:
             raise EdgeloopError(f"unsupported activation {self.activation!r}; edgeloop supports {', '.join(ACTIVATIONS)}")
         if self.norm not in NORMS:
@@ -61,6 +68,29 @@ class ModelSpec:
                 f"num_key_value_heads={self.num_kv_heads}")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise EdgeloopError(f"inconsistent config: rotary dimension {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+
+    def _check_ranges(self) -> None:
+        """Sizes positive, floats finite and in range: a config that would give NaN logits is refused here,
+        at convert, compile and load time alike."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise EdgeloopError(f"invalid model config: {name} must be a positive integer, got {value!r}")
+        checks = {"norm_eps": (self.norm_eps, 0.0, 1.0), "rope_theta": (self.rope_theta, 0.0, math.inf),
+                  "embed_scale": (self.embed_scale, 0.0, math.inf)}
+        for name, (value, low, high) in checks.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low < value < high:
+                raise EdgeloopError(f"invalid model config: {name} must be a finite number in ({low:g}, {high:g}), "
+                                    f"got {value!r}")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise EdgeloopError(f"invalid model config: sliding_window must be a positive integer, got {self.sliding_window!r}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
+        if self.exit_gate and not self.loop_norm:
+            raise EdgeloopError("invalid model config: an exit gate needs the loop norm (Ouro layout)")
 
     @property
     def q_size(self) -> int:
@@ -94,9 +124,11 @@ class ModelSpec:
     def vector_shapes(self) -> dict[str, int]:
         """Length of every vector parameter (norm weights and biases, linear biases) of one layer."""
         h = self.hidden_size
-        vecs = {"input_norm.weight": h, "post_norm.weight": h}
+        norms = ("input_norm", "attn_out_norm", "post_norm", "mlp_out_norm") if self.sandwich_norms else \
+            ("input_norm", "post_norm")
+        vecs = {f"{n}.weight": h for n in norms}
         if self.norm_has_bias:
-            vecs.update({"input_norm.bias": h, "post_norm.bias": h})
+            vecs.update({f"{n}.bias": h for n in norms})
         if self.qk_norm:
             vecs.update({"q_norm.weight": self.head_dim, "k_norm.weight": self.head_dim})
         for name, (out, _) in self.linear_shapes().items():
@@ -111,6 +143,9 @@ class ModelSpec:
             shapes["final_norm.bias"] = (self.hidden_size,)
         if not self.tie_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        if self.exit_gate:
+            shapes["exit_gate.weight"] = (1, self.hidden_size)
+            shapes["exit_gate.bias"] = (1,)
         return shapes
 
     def to_dict(self) -> dict:
@@ -123,6 +158,19 @@ class ModelSpec:
         if missing:
             raise EdgeloopError(f"model config is missing {', '.join(missing)}; re-run `edgeloop convert`")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _check_rope_scaling(scaling: dict) -> None:
+    if not isinstance(scaling, dict) or scaling.get("type") not in ("llama3", "linear"):
+        raise EdgeloopError(f"invalid model config: rope scaling {scaling!r}; edgeloop supports llama3 and linear")
+    keys = ("factor",) if scaling["type"] == "linear" else \
+        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    for key in keys:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise EdgeloopError(f"invalid model config: rope scaling {key} must be a finite number > 0, got {value!r}")
+    if scaling["type"] == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise EdgeloopError("invalid model config: llama3 rope scaling needs high_freq_factor > low_freq_factor")
 
 
 def rope_inv_freq(spec: ModelSpec) -> np.ndarray:

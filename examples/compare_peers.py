@@ -212,13 +212,20 @@ class EdgeloopEngine:
 
             tvm.get_global_func("runtime.config_threadpool")(1, int(self.threads))
 
+    def _step(self, ids) -> np.ndarray:
+        from edgeloop.runtimes.backend import Row
+
+        return self.backend.step([Row(self.state, np.asarray(ids, dtype=np.int64))])[0].logits
+
     def start(self, ids: np.ndarray) -> int:
+        if getattr(self, "state", None) is not None:
+            self.backend.release(self.state)
         self.state = self.backend.new_state()
-        self.logits = self.backend.step(self.state, np.asarray(ids, dtype=np.int64))
+        self.logits = self._step(ids)
         return int(np.argmax(self.logits[-1]))
 
     def extend(self, ids: np.ndarray) -> None:
-        self.logits = self.backend.step(self.state, np.asarray(ids, dtype=np.int64))
+        self.logits = self._step(ids)
 
     def length(self) -> int:
         return self.state.length
@@ -228,7 +235,7 @@ class EdgeloopEngine:
         for _ in range(n):
             tok = int(np.argmax(self.logits[-1]))
             out.append(tok)
-            self.logits = self.backend.step(self.state, np.array([tok], dtype=np.int64))
+            self.logits = self._step([tok])
         return out
 
 
@@ -519,15 +526,16 @@ def profile(name: str, args) -> dict:
         onnx_path = path / "model.onnx"
     else:
         e = EdgeloopEngine(path, threads)
-        manifest = json.loads((path / "edgeloop.json").read_text())
-        onnx_path = path / manifest["onnx"]["model"]
+        onnx_path = path / e.model.contract.entry("forward").symbol
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.intra_op_num_threads = threads
         so.enable_profiling = True
         so.profile_file_prefix = prefix
-        e.backend.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        e.backend.session = e.backend._sessions["forward"] = ort.InferenceSession(
+            str(onnx_path), so, providers=["CPUExecutionProvider"])
+        e.backend._bindings.clear()
     vocab = json.loads((prep.orig / "config.json").read_text())["vocab_size"]
     ctx = args.contexts[0]
     ids = prompt_ids(prep.orig, ctx + 8, vocab)

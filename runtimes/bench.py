@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeloop.runtimes.backend import Row
+
 
 @dataclass
 class BenchConfig:
@@ -28,6 +30,7 @@ class BenchConfig:
     threads: int | None = None
     seed: int = 0
     rss: bool = True
+    batches: tuple[int, ...] = (1,)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class BenchResult:
     backend: str
     prefill_ms: list[float] = field(default_factory=list)
     decode_tok_s: dict[int, list[float]] = field(default_factory=dict)
+    batch_tok_s: dict[int, list[float]] = field(default_factory=dict)  # batch size -> aggregate decode tok/s
     peak_rss_mb: float | None = None
     bytes_on_disk: int = 0
 
@@ -47,6 +51,7 @@ class BenchResult:
         return {"name": self.name, "path": self.path, "backend": self.backend,
                 "prefill_ms": stats(self.prefill_ms),
                 "decode_tok_s": {str(c): stats(v) for c, v in self.decode_tok_s.items()},
+                "batch_decode_tok_s": {str(b): stats(v) for b, v in self.batch_tok_s.items()},
                 "peak_rss_mb": self.peak_rss_mb, "bytes_on_disk": self.bytes_on_disk}
 
 
@@ -67,22 +72,30 @@ def _tokens(model, n: int, seed: int) -> np.ndarray:
 
 
 def measure_prefill(model, tokens: np.ndarray) -> float:
-    state = model.backend.new_state()
-    start = time.perf_counter()
-    model.backend.step(state, tokens)
-    return (time.perf_counter() - start) * 1000
-
-
-def measure_decode(model, context: int, steps: int, seed: int) -> float:
-    """tok/s of `steps` single-token steps after a `context`-token prefix."""
     backend = model.backend
     state = backend.new_state()
-    backend.step(state, _tokens(model, context, seed))
-    tokens = _tokens(model, steps, seed + 1)
     start = time.perf_counter()
-    for tok in tokens:
-        backend.step(state, tok.reshape(1))
-    return steps / (time.perf_counter() - start)
+    backend.step([Row(state, tokens)])
+    elapsed = (time.perf_counter() - start) * 1000
+    backend.release(state)
+    return elapsed
+
+
+def measure_decode(model, context: int, steps: int, seed: int, batch: int = 1) -> float:
+    """Aggregate tok/s of `steps` decode steps of `batch` sequences stepping together after a
+    `context`-token prefix each."""
+    backend = model.backend
+    states = [backend.new_state() for _ in range(batch)]
+    for i, state in enumerate(states):
+        backend.step([Row(state, _tokens(model, context, seed + 17 * i))])
+    tokens = _tokens(model, steps * batch, seed + 1).reshape(steps, batch)
+    start = time.perf_counter()
+    for row in tokens:
+        backend.step([Row(s, t.reshape(1)) for s, t in zip(states, row)])
+    elapsed = time.perf_counter() - start
+    for state in states:
+        backend.release(state)
+    return steps * batch / elapsed
 
 
 def peak_rss_mb(path: str, config: BenchConfig) -> float:
@@ -91,9 +104,10 @@ def peak_rss_mb(path: str, config: BenchConfig) -> float:
         "import sys, numpy as np\n"
         "from edgeloop.runtimes.bench import _load, _tokens\n"
         f"m = _load({path!r}, {config.threads!r})\n"
+        "from edgeloop.runtimes.backend import Row\n"
         "s = m.backend.new_state()\n"
-        f"m.backend.step(s, _tokens(m, {config.prefill_tokens}, 0))\n"
-        "for t in _tokens(m, 8, 1): m.backend.step(s, t.reshape(1))\n"
+        f"m.backend.step([Row(s, _tokens(m, {config.prefill_tokens}, 0))])\n"
+        "for t in _tokens(m, 8, 1): m.backend.step([Row(s, t.reshape(1))])\n"
         # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss across fork + exec
         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n"
     )
@@ -109,11 +123,12 @@ def run_bench(paths: list[str], config: BenchConfig, names: list[str] | None = N
     names = names or [Path(p).name for p in paths]
     models = [_load(p, config.threads) for p in paths]
     for m in models:
-        if max(config.contexts) + config.decode_steps > m.backend.max_context:
+        if max(max(config.contexts) + config.decode_steps, config.prefill_tokens) > m.backend.max_context:
             from edgeloop.errors import EdgeloopError
 
-            raise EdgeloopError(f"context {max(config.contexts)} + {config.decode_steps} steps exceeds "
-                                f"{m.path}'s maximum of {m.backend.max_context}; pass smaller --contexts")
+            raise EdgeloopError(f"context {max(config.contexts)} + {config.decode_steps} steps (or the prefill of "
+                                f"{config.prefill_tokens}) exceeds {m.path}'s maximum of {m.backend.max_context}; "
+                                "pass smaller --contexts / --prefill-tokens")
     results = [BenchResult(n, str(p), m.backend.name, bytes_on_disk=dir_size(p))
                for n, p, m in zip(names, paths, models)]
     rng = random.Random(config.seed)
@@ -127,6 +142,10 @@ def run_bench(paths: list[str], config: BenchConfig, names: list[str] | None = N
             r.prefill_ms.append(measure_prefill(m, _tokens(m, config.prefill_tokens, config.seed + round_)))
             for c in config.contexts:
                 r.decode_tok_s.setdefault(c, []).append(measure_decode(m, c, config.decode_steps, config.seed))
+            for b in config.batches:
+                if b > 1:
+                    r.batch_tok_s.setdefault(b, []).append(
+                        measure_decode(m, config.contexts[0], config.decode_steps, config.seed, batch=b))
         if progress:
             progress(round_ + 1)
     if config.rss:
@@ -136,6 +155,15 @@ def run_bench(paths: list[str], config: BenchConfig, names: list[str] | None = N
 
 
 def plot(results: list[BenchResult], out: Path) -> None:
+    from edgeloop.errors import EdgeloopError
+
+    try:
+        _plot(results, out)
+    except OSError as e:
+        raise EdgeloopError(f"cannot write the plot {out}: {e.strerror}") from None
+
+
+def _plot(results: list[BenchResult], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

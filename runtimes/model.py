@@ -1,7 +1,8 @@
 """The generation engine users touch: `edgeloop.load(path)` returns a `Model`.
 
 One engine over any backend's step interface: tokenization, the shared sampler, stop
-strings, streaming with UTF-8-safe detokenization, perplexity and chat sessions with KV reuse.
+strings, streaming with UTF-8-safe detokenization, batched generation (several prompts step
+together, rows leave as they finish), perplexity and chat sessions with KV reuse.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from edgeloop.errors import EdgeloopError
-from edgeloop.runtimes.backend import Backend
+from edgeloop.runtimes.backend import Backend, Row, check_tokens
 from edgeloop.runtimes.sampling import GenerationConfig, Sampler
 from edgeloop.runtimes.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -27,6 +28,9 @@ class GenerationStats:
     prefill_s: float = 0.0  # time to first token
     decode_s: float = 0.0
     finish_reason: str = ""
+    dropped_prompt_tokens: int = 0  # --truncate: oldest prompt tokens left out
+    seed: int | None = None
+    depths: list[int] = field(default_factory=list)  # loop passes each generated token ran
 
     @property
     def prefill_tok_s(self) -> float:
@@ -37,37 +41,63 @@ class GenerationStats:
         steps = self.new_tokens - 1
         return steps / self.decode_s if self.decode_s and steps > 0 else 0.0
 
+    @property
+    def mean_loops(self) -> float:
+        return float(np.mean(self.depths)) if self.depths else 0.0
+
     def to_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
-                "time_to_first_token_s": round(self.prefill_s, 5), "prefill_tok_s": round(self.prefill_tok_s, 2),
-                "decode_tok_s": round(self.decode_tok_s, 2), "finish_reason": self.finish_reason}
+        out = {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+               "time_to_first_token_s": round(self.prefill_s, 5), "prefill_tok_s": round(self.prefill_tok_s, 2),
+               "decode_tok_s": round(self.decode_tok_s, 2), "finish_reason": self.finish_reason, "seed": self.seed,
+               "mean_loops": round(self.mean_loops, 4), "depths": list(self.depths)}
+        if self.dropped_prompt_tokens:
+            out["dropped_prompt_tokens"] = self.dropped_prompt_tokens
+        return out
 
 
 class Model:
-    def __init__(self, backend: Backend, directory: Path, generation_defaults: dict, description: dict | None = None):
+    def __init__(self, backend: Backend, directory: Path, generation_defaults, contract=None, *, tokenizer=None,
+                 template: str | None = None):
         self.backend = backend
         self.path = Path(directory)
-        self.defaults = dict(generation_defaults)
-        self.description = description or {}
+        self.defaults = generation_defaults
+        self.contract = contract
+        self._tokenizer_section, self._template = tokenizer, template
         self._tokenizer: Tokenizer | None = None
-        self.last_stats = GenerationStats()
+        self.last_stats: GenerationStats | list[GenerationStats] = GenerationStats()
+
+    @property
+    def description(self) -> dict:
+        return self.contract.to_dict() if self.contract is not None else {"backend": self.backend.name}
 
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.path, self.defaults)
+            if self._tokenizer_section is None:
+                raise EdgeloopError(f"{self.path} has no tokenizer; text generation needs one (logits() works without)")
+            self._tokenizer = Tokenizer(self.path, self._tokenizer_section, self._template)
         return self._tokenizer
 
     # -- raw model -------------------------------------------------------------------------
 
     def logits(self, token_ids) -> np.ndarray:
         """Logits [len(token_ids), vocab] (float32) for every position of one sequence."""
-        ids = self._check_ids(token_ids)
+        ids = check_tokens(self.backend, token_ids)
+        if ids.size == 0:
+            raise EdgeloopError("token_ids is empty")
+        if ids.size > self.backend.max_context:
+            raise EdgeloopError(f"{ids.size} tokens exceed the model context of {self.backend.max_context}")
         state = self.backend.new_state()
-        return self.backend.step(state, ids, all_logits=True)
+        try:
+            out = self.backend.step([Row(state, ids, all_logits=True)])[0].logits
+        finally:
+            self.backend.release(state)
+        return _finite(out)
 
     def perplexity(self, text: str, *, window: int | None = None) -> float:
         """Perplexity of `text`, scored in non-overlapping windows of at most the context."""
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise EdgeloopError(f"window must be a positive number of tokens, got {window!r}")
         ids = np.asarray(self.tokenizer.encode(text), dtype=np.int64)
         window = min(window or self.backend.max_context, self.backend.max_context)
         if len(ids) < 2:
@@ -91,112 +121,188 @@ class Model:
     def stream(self, prompt: str | list[int], **options) -> Iterator[str]:
         """Yield text pieces as they are generated; they concatenate to `generate(prompt)`."""
         config = options.pop("config", None) or self.generation_config(**options)
-        state = self.backend.new_state()
-        prompt_ids = self._prompt_ids(prompt, config)
-        yield from self._generate_into(state, prompt_ids, config)
+        request = self._request(prompt, config)
+        self.last_stats = request.stats
+        yield from self._run_streaming(request)
 
     def generate(self, prompt: str | list[str] | list[int], **options) -> str | list[str]:
-        """Text generated after `prompt`; a list of prompts gives a list of texts."""
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            return [self.generate(p, **options) for p in prompt]
-        return "".join(self.stream(prompt, **options))
+        """Text generated after `prompt`; a list of prompts runs as one batch and gives a list of texts."""
+        config = options.pop("config", None) or self.generation_config(**options)
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            requests = [self._request(p, config) for p in prompt]
+            self._run_batch(requests)
+            self.last_stats = [r.stats for r in requests]
+            return [r.text for r in requests]
+        return "".join(self.stream(prompt, config=config))
 
     def generate_tokens(self, prompt_ids, **options) -> list[int]:
         """Token ids generated after `prompt_ids` (no tokenizer needed)."""
         config = self.generation_config(**options)
-        state = self.backend.new_state()
-        ids = self._prompt_ids(list(prompt_ids), config)
-        return list(self._token_loop(state, ids, config))
+        request = self._request(check_tokens(self.backend, prompt_ids, what="prompt ids").tolist(), config, text=False)
+        self._run_batch([request])
+        self.last_stats = request.stats
+        return request.generated
 
     def chat(self, system: str | None = None, **options) -> ChatSession:
         return ChatSession(self, system, options)
 
     # -- internals -------------------------------------------------------------------------
 
-    def _check_ids(self, token_ids) -> np.ndarray:
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise EdgeloopError("token_ids is empty")
-        if ids.min() < 0 or ids.max() >= self.backend.vocab_size:
-            raise EdgeloopError(f"token ids must be in [0, {self.backend.vocab_size}); got {ids.min()}..{ids.max()}")
-        if ids.size > self.backend.max_context:
-            raise EdgeloopError(f"{ids.size} tokens exceed the model context of {self.backend.max_context}")
-        return ids
-
-    def _prompt_ids(self, prompt, config: GenerationConfig) -> list[int]:
-        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+    def _request(self, prompt, config: GenerationConfig, *, text: bool = True) -> Request:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = check_tokens(self.backend, prompt, what="prompt ids").tolist()
         if not ids:
-            bos = self.defaults.get("bos_token_id")
-            if bos is None and (self.path / "tokenizer.json").is_file():
-                bos = self.tokenizer.bos_id
+            bos = self._tokenizer_section.bos_token_id if self._tokenizer_section else None
             if bos is None:
                 raise EdgeloopError("the prompt is empty and the model has no BOS token to start from")
             ids = [bos]
+        ids, dropped = self._fit_context(ids, config)
+        request = Request(ids, config, Sampler(config), self._eos_ids(config),
+                          TextStream(self.tokenizer, config.stop) if text else None)
+        request.stats.dropped_prompt_tokens = dropped
+        request.stats.seed = request.sampler.seed
+        return request
+
+    def _fit_context(self, ids: list[int], config: GenerationConfig) -> tuple[list[int], int]:
         limit = self.backend.max_context
-        if len(ids) >= limit:
-            if not config.truncate:
-                raise EdgeloopError(f"the prompt has {len(ids)} tokens but the context holds {limit}; "
-                                    f"shorten it or pass --truncate to keep its last tokens")
-            keep = max(1, limit - max(config.max_new_tokens, 1))
-            ids = ids[-keep:]
-        return ids
+        if len(ids) < limit:
+            return ids, 0
+        if not config.truncate:
+            raise EdgeloopError(f"the prompt has {len(ids)} tokens but the context holds {limit}; "
+                                f"shorten it or pass --truncate to keep its last tokens")
+        # keep room for the answer, but never less than half the context of prompt
+        keep = max(limit - config.max_new_tokens, limit // 2, 1)
+        keep = min(keep, limit - 1)
+        return ids[-keep:], len(ids) - keep
 
-    def _token_loop(self, state, prompt_ids: list[int], config: GenerationConfig) -> Iterator[int]:
-        sampler = Sampler(config)
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        history = list(prompt_ids)
-        start = time.perf_counter()
-        logits = self.backend.step(state, np.asarray(prompt_ids, dtype=np.int64))[-1]
-        eos = set() if config.ignore_eos else self._eos_ids()
-        for i in range(config.max_new_tokens):
-            token = sampler(logits, history)
-            now = time.perf_counter()
-            if i == 0:
-                stats.prefill_s = now - start
-                decode_start = now
-            else:
-                stats.decode_s = now - decode_start
-            if token in eos:
-                stats.finish_reason = "eos"
-                return
-            stats.new_tokens += 1
-            history.append(token)
-            yield token
-            if i + 1 == config.max_new_tokens:
+    def _eos_ids(self, config: GenerationConfig) -> set[int]:
+        if config.ignore_eos or self._tokenizer_section is None:
+            return set()
+        return set(self._tokenizer_section.eos_token_ids)
+
+    def _run_streaming(self, request: Request) -> Iterator[str]:
+        state = self.backend.new_state()
+        try:
+            yield from request.run_alone(self.backend, state)
+        finally:
+            self.backend.release(state)
+
+    def _run_batch(self, requests: list[Request]) -> None:
+        """All requests step together: one prefill call, then one call per token for every live row."""
+        self.backend.reserve(len(requests))
+        states = [self.backend.new_state() for _ in requests]
+        try:
+            start = time.perf_counter()
+            outs = self.backend.step([Row(s, np.asarray(r.prompt, np.int64)) for s, r in zip(states, requests)])
+            live = []
+            for r, s, o in zip(requests, states, outs):
+                r.begin(start)
+                if r.accept(o, s, self.backend.max_context):
+                    live.append((r, s))
+            while live:
+                outs = self.backend.step([Row(s, np.asarray([r.generated[-1]], np.int64)) for r, s in live])
+                live = [(r, s) for (r, s), o in zip(live, outs) if r.accept(o, s, self.backend.max_context)]
+        finally:
+            for s in states:
+                self.backend.release(s)
+        for r in requests:
+            r.finish()
+
+
+def _finite(logits: np.ndarray) -> np.ndarray:
+    if not np.isfinite(logits).all():
+        raise EdgeloopError("the model produced non-finite logits (NaN or Inf); its weights or config are broken, "
+                            "or the artifact is damaged")
+    return logits
+
+
+@dataclass
+class Request:
+    """One sequence being generated: its prompt, sampler, output so far and statistics."""
+
+    prompt: list[int]
+    config: GenerationConfig
+    sampler: Sampler
+    eos: set[int]
+    text_stream: TextStream | None
+    generated: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    done: bool = False
+    _t0: float = 0.0
+    _decode0: float = 0.0
+
+    def __post_init__(self):
+        self.stats.prompt_tokens = len(self.prompt)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def begin(self, t0: float) -> None:
+        self._t0 = t0
+
+    def accept(self, out, state, max_context: int) -> bool:
+        """Sample from a step's output; False when the request is finished."""
+        c, stats = self.config, self.stats
+        token = self.sampler(out.logits[-1], self.prompt + self.generated)
+        now = time.perf_counter()
+        if not self.generated and not stats.new_tokens:
+            stats.prefill_s = now - self._t0
+            self._decode0 = now
+        else:
+            stats.decode_s = now - self._decode0
+        if c.max_new_tokens == 0:
+            return self._stop("length")
+        if token in self.eos:
+            return self._stop("eos")
+        self.generated.append(token)
+        stats.new_tokens += 1
+        stats.depths.append(int(out.depth))
+        if self.text_stream is not None:
+            piece = self.text_stream.push(token)
+            if piece:
+                self.pieces.append(piece)
+            if self.text_stream.stopped:
+                return self._stop("stop")
+        if len(self.generated) >= c.max_new_tokens:
+            return self._stop("length")
+        if state.length >= max_context:
+            return self._stop("context")
+        return True
+
+    def _stop(self, reason: str) -> bool:
+        self.stats.finish_reason = reason
+        self.done = True
+        return False
+
+    def finish(self) -> None:
+        if self.text_stream is not None and not self.text_stream.stopped:
+            tail = self.text_stream.flush()
+            if tail:
+                self.pieces.append(tail)
+            if self.text_stream.stopped:
+                self.stats.finish_reason = "stop"
+
+    def run_alone(self, backend, state) -> Iterator[str]:
+        """Generate with this request alone on `state` (already holding any reused prefix), yielding text."""
+        self.begin(time.perf_counter())
+        out = backend.step([Row(state, np.asarray(self.prompt, np.int64))])[0]
+        emitted = 0
+        while True:
+            live = self.accept(out, state, backend.max_context)
+            while emitted < len(self.pieces):
+                yield self.pieces[emitted]
+                emitted += 1
+            if not live:
                 break
-            if state.length >= self.backend.max_context:
-                stats.finish_reason = "context"
-                return
-            logits = self.backend.step(state, np.asarray([token], dtype=np.int64))[-1]
-        stats.finish_reason = "length"
-
-    def _eos_ids(self) -> set[int]:
-        if self._tokenizer is not None or (self.path / "tokenizer.json").is_file():
-            return self.tokenizer.eos_ids
-        eos = self.defaults.get("eos_token_id")
-        return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-    def _generate_into(self, state, prompt_ids: list[int], config: GenerationConfig) -> Iterator[str]:
-        text = TextStream(self.tokenizer, config.stop)
-        yield from text.run(self._token_loop(state, prompt_ids, config))
-        if text.stopped:
-            self.last_stats.finish_reason = "stop"
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                best = max(best, n)
-                break
-    return best
+            out = backend.step([Row(state, np.asarray([self.generated[-1]], np.int64))])[0]
+        self.finish()
+        while emitted < len(self.pieces):
+            yield self.pieces[emitted]
+            emitted += 1
 
 
 @dataclass
@@ -234,23 +340,35 @@ class ChatSession:
             common += 1
         common = min(common, len(ids) - 1)  # always feed at least one token to get logits
         self.model.backend.rewind(self.state, common)
-        produced: list[int] = []
-
-        def tokens():
-            for tok in self.model._token_loop(self.state, ids[common:], config):
-                produced.append(tok)
-                yield tok
-
+        request = self.model._request(ids[common:], config)
+        request.prompt_history = ids[:common]
         pieces = []
-        for piece in TextStream(self.model.tokenizer, config.stop).run(tokens()):
+        for piece in request.run_alone(self.model.backend, self.state):
             pieces.append(piece)
             yield piece
+        self.model.last_stats = request.stats
         # The cache holds the prompt and every generated token that was fed back.
-        self.cached = (ids + produced)[: self.state.length]
+        self.cached = (ids + request.generated)[: self.state.length]
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
     def send(self, text: str, **options) -> str:
         return "".join(self.send_stream(text, **options))
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best
 
 
 class TextStream:
@@ -261,28 +379,27 @@ class TextStream:
     """
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str]):
-        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.stops = [s for s in stops if s]
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.pending = ""
         self.stopped = False
 
-    def run(self, tokens: Iterator[int]) -> Iterator[str]:
-        decoder = IncrementalDecoder(self.tokenizer)
-        pending = ""
-        for token in tokens:
-            pending += decoder.push(token)
-            cut = _find_stop(pending, self.stops)
-            if cut is not None:
-                self.stopped = True
-                if cut:
-                    yield pending[:cut]
-                return
-            safe = len(pending) - _stop_prefix_len(pending, self.stops)
-            if safe > 0:
-                yield pending[:safe]
-                pending = pending[safe:]
-        pending += decoder.flush()
-        cut = _find_stop(pending, self.stops)
+    def push(self, token: int) -> str:
+        self.pending += self.decoder.push(token)
+        cut = _find_stop(self.pending, self.stops)
         if cut is not None:
             self.stopped = True
-            pending = pending[:cut]
-        if pending:
-            yield pending
+            out, self.pending = self.pending[:cut], ""
+            return out
+        safe = len(self.pending) - _stop_prefix_len(self.pending, self.stops)
+        out, self.pending = self.pending[:safe], self.pending[safe:]
+        return out
+
+    def flush(self) -> str:
+        self.pending += self.decoder.flush()
+        cut = _find_stop(self.pending, self.stops)
+        if cut is not None:
+            self.stopped = True
+            self.pending = self.pending[:cut]
+        out, self.pending = self.pending, ""
+        return out

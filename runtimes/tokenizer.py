@@ -2,44 +2,97 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edgeloop.errors import EdgeloopError
 
 
+def resolve_tokenizer(directory: Path, generation: dict, vocab_size: int):
+    """(TokenizerSection, chat template text or None) for a model directory, validated: the tokenizer
+    loads, fits the model's vocabulary, its config is a UTF-8 JSON object, the BOS/EOS ids are in range.
+    Compile stores the section in the artifact contract; the runtime then reads nothing else."""
+    from edgeloop.runtimes.contract import TokenizerSection
+
+    directory = Path(directory)
+    config = _read_optional_json(directory / "tokenizer_config.json")
+    path = directory / "tokenizer.json"
+    hf = _load_hf(path) if path.is_file() else None
+    if hf is not None and hf.get_vocab_size(with_added_tokens=True) > vocab_size:
+        ids = hf.get_vocab_size(with_added_tokens=True)
+        raise EdgeloopError(f"{path} has {ids} tokens but the model's vocabulary holds {vocab_size}; the tokenizer "
+                            "does not belong to this model")
+
+    def token_id(key: str):
+        text = _token_text(config.get(key))
+        return hf.token_to_id(text) if hf is not None and text else None
+
+    bos = generation.get("bos_token_id", token_id("bos_token"))
+    eos = generation.get("eos_token_id", token_id("eos_token"))
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    for name, value in [("bos_token_id", bos)] + [("eos_token_id", e) for e in eos]:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size):
+            raise EdgeloopError(f"{name} {value!r} is not a token id of this model (vocabulary {vocab_size})")
+    add_bos = config.get("add_bos_token", False)
+    if not isinstance(add_bos, bool):
+        raise EdgeloopError(f"{directory / 'tokenizer_config.json'}: add_bos_token must be true or false")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise EdgeloopError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string")
+    tpl_file = directory / "chat_template.jinja"
+    if tpl_file.is_file():
+        from edgeloop.fileio import read_text
+
+        template = read_text(tpl_file, "chat template")
+    special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
+    for key, value in special.items():
+        if value is not None and not isinstance(value, str):
+            raise EdgeloopError(f"{directory / 'tokenizer_config.json'}: {key} must be a string")
+    section = TokenizerSection(file="tokenizer.json" if hf is not None else None, bos_token_id=bos,
+                               eos_token_ids=tuple(eos), add_bos=add_bos, bos_token=special["bos_token"],
+                               eos_token=special["eos_token"])
+    return section, template
+
+
+def _load_hf(path: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception on malformed files
+        raise EdgeloopError(f"cannot read {path}: {str(e).splitlines()[0][:160]}") from None
+
+
 class Tokenizer:
-    def __init__(self, directory: Path, generation: dict):
-        from tokenizers import Tokenizer as HFTokenizer
+    """Text <-> ids for one model: HF `tokenizers` plus the contract's special tokens and template."""
 
-        path = Path(directory) / "tokenizer.json"
-        if not path.is_file():
+    def __init__(self, directory: Path, section, template: str | None = None):
+        if section.file is None:
             raise EdgeloopError(f"no tokenizer.json in {directory}; text generation needs one (logits() works without)")
-        try:
-            self._tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the library raises a bare Exception on malformed files
-            raise EdgeloopError(f"cannot read {path}: {e}") from None
-        config = _read_optional_json(Path(directory) / "tokenizer_config.json")
-        self.bos_id = generation.get("bos_token_id", self._token_id(config.get("bos_token")))
-        eos = generation.get("eos_token_id", self._token_id(config.get("eos_token")))
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.add_bos = bool(config.get("add_bos_token", False))
-        template = config.get("chat_template")
-        tpl_file = Path(directory) / "chat_template.jinja"
-        if tpl_file.is_file():
-            template = tpl_file.read_text(encoding="utf-8")
-        self.chat_template = template if isinstance(template, str) else None
-        self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
+        self._tok = _load_hf(Path(directory) / section.file)
+        self.bos_id = section.bos_token_id
+        self.eos_ids = set(section.eos_token_ids)
+        self.add_bos = section.add_bos
+        if template is None and section.chat_template:
+            from edgeloop.fileio import read_text
 
-    def _token_id(self, token) -> int | None:
-        text = _token_text(token)
-        return self._tok.token_to_id(text) if text else None
+            template = read_text(Path(directory) / section.chat_template, "chat template")
+        self.chat_template = template
+        self.special = {"bos_token": section.bos_token, "eos_token": section.eos_token}
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        if not isinstance(text, str):
+            raise EdgeloopError(f"the prompt must be text (str), got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EdgeloopError("the prompt is not valid UTF-8 text (it holds undecodable bytes)") from None
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
@@ -108,7 +161,6 @@ def _token_text(token) -> str | None:
 def _read_optional_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EdgeloopError(f"{path} is not valid JSON ({e})") from None
+    from edgeloop.fileio import read_json
+
+    return read_json(path, path.name)

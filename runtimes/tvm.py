@@ -1,98 +1,291 @@
-"""TVM backend driver: runs an artifact compiled by `edgeloop.compiler.tvm_build`.
+"""TVM driver: the step interface over an artifact compiled by `edgeloop.compiler.tvm_build`.
 
-Needs only the TVM runtime and numpy. The library exports four Relax functions (names in the
-manifest's io.entry): `create_kv_cache`, `prefill` (logits of the last position), `prefill_all`
-(logits of every position) and `decode` (one token). The KV cache is TVM's paged cache with one
-layer per depth position; this driver owns one sequence (id 0) per state and brackets every
-call with begin_forward / end_forward, splitting long prompts into prefill chunks.
+Needs only the TVM runtime and numpy; function names and argument roles come from the contract.
+Sequences live in TVM's paged KV cache. A cache object (a `_Group`) holds several sequences, so
+a batch of rows in one group is one call: their tokens are concatenated (ragged), bracketed by
+begin_forward / end_forward with each row's sequence id and length. Host-driven states use the
+step cache (K layers), where each (stream, depth) pair is a sequence of its own: one block call
+mixes rows at different depths, and a row that skipped a depth simply has no entry there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from edgeloop.errors import EdgeloopError
+from edgeloop.runtimes.backend import BlockRow, Row, RowOutput
+from edgeloop.runtimes.contract import Contract
 
-SEQ_ID = 0
+
+class _Group:
+    """One paged KV cache object with room for `capacity` streams (each one sequence, or B for the
+    host-driven step cache)."""
+
+    def __init__(self, backend: TvmBackend, host: bool, capacity: int):
+        tvm = backend._tvm
+        self.host, self.capacity = host, capacity
+        self.per_stream = backend.loops if host else 1
+        sequences = capacity * self.per_stream
+        create = backend.vm[backend.contract.entry("create_step_kv_cache" if host else "create_kv_cache").symbol]
+        self.kv = create(tvm.runtime.ShapeTuple([sequences, sequences * backend.max_context, backend._chunk,
+                                                 backend._page, 0]))
+        self.free = list(range(capacity))
+        self.live = 0
+
+    def seq(self, slot: int, depth: int = 0) -> int:
+        return slot * self.per_stream + depth
 
 
-@dataclass
+@dataclass(eq=False)
 class TvmState:
-    kv: object  # the paged KV cache (a TVM runtime object)
+    host: bool
+    group: _Group | None = None
+    slot: int = -1
     length: int = 0
+    # host-driven: the positions stored in each depth's sequence (a skipped depth has no entry)
+    written: list[list[int]] = field(default_factory=list)
 
 
 class TvmBackend:
     name = "tvm"
 
-    def __init__(self, path: Path, manifest: dict, *, threads: int | None = None, **_options):
+    def __init__(self, path: Path, contract: Contract, *, threads: int | None = None, max_batch: int | None = None,
+                 **_options):
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
-        io = manifest.get("io", {})
-        if not io.get("runs_on_host"):
-            raise EdgeloopError(f"this artifact was compiled for --target {manifest.get('target')} and runs on that "
-                                "device's TVM runtime; compile with --target cpu to run it here")
+        section = contract.tvm
+        path = Path(path)
+        device = tvm.device(section.device) if section.device in ("cpu", "cuda", "opencl", "metal") else None
+        if device is None or not device.exist:
+            raise EdgeloopError(f"this artifact was compiled for --target {contract.target} ({section.device}); no such "
+                                "device here, so it runs on that device's TVM runtime (compile with --target cpu to "
+                                "run it here)")
         if threads:
             tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
-        path = Path(path)
-        self._tvm = tvm
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(path / io["library"])), tvm.cpu())
-        stored = tvm.runtime.load_param_dict_from_file(str(path / io["params"]))
-        missing = [n for n in io["param_names"] if n not in stored]
+        self._tvm, self.contract, self.path = tvm, contract, path
+        try:
+            self.vm = VirtualMachine(tvm.runtime.load_module(str(path / section.library)), device)
+            stored = tvm.runtime.load_param_dict_from_file(str(path / section.params))
+        except Exception as e:  # noqa: BLE001 - TVM raises its own error types for damaged files
+            raise EdgeloopError(f"TVM cannot load {path}: {str(e).strip().splitlines()[-1][:200]}; the artifact is "
+                                "damaged, compile it again") from None
+        missing = [n for n in section.param_names if n not in stored]
         if missing:
-            raise EdgeloopError(f"{path / io['params']} lacks {missing[0]}; the artifact is corrupt, compile it again")
-        self.params = [stored[n] for n in io["param_names"]]
-        kv = io["kv_cache"]
-        self.vocab_size = int(manifest["model"]["vocab_size"])
-        self.max_context = int(kv["max_context"])
-        self._chunk, self._page = int(kv["prefill_chunk"]), int(kv["page_size"])
-        entry = io["entry"]
-        self._create, self._prefill = self.vm[entry["create_kv_cache"]], self.vm[entry["prefill"]]
-        self._prefill_all, self._decode = self.vm[entry["prefill_all"]], self.vm[entry["decode"]]
+            raise EdgeloopError(f"{path / section.params} lacks {missing[0]}; the artifact is corrupt, compile it again")
+        self.params = [stored[n] for n in section.param_names]
+        self._device = device
+        kv = contract.kv
+        self.vocab_size, self.hidden_size = contract.model.vocab_size, contract.model.hidden_size
+        self.max_context = kv.max_context
+        self.loops = contract.loop.loops
+        self.host_loop = contract.loop.host_loop and "block" in contract.entry_points
+        self._chunk, self._page = kv.prefill_chunk, kv.page_size
+        self._fn = {name: self._function(name) for name in contract.entry_points if not name.startswith("create")}
         builtin = tvm.get_global_func
         self._add_sequence = builtin("vm.builtin.kv_state_add_sequence")
+        self._remove_sequence = builtin("vm.builtin.kv_state_remove_sequence")
         self._begin = builtin("vm.builtin.kv_state_begin_forward")
         self._end = builtin("vm.builtin.kv_state_end_forward")
         self._popn = builtin("vm.builtin.kv_state_popn")
-        self._seq = tvm.runtime.ShapeTuple([SEQ_ID])
+        self._groups: dict[bool, list[_Group]] = {False: [], True: []}
+        self._reserved = max(1, int(max_batch or 1))
 
-    def new_state(self) -> TvmState:
-        shape = self._tvm.runtime.ShapeTuple([1, self.max_context, self._chunk, self._page, 0])
-        kv = self._create(shape)
-        self._add_sequence(kv, SEQ_ID)
-        return TvmState(kv)
+    def _function(self, name: str):
+        symbol = self.contract.entry(name).symbol
+        try:
+            return self.vm[symbol]
+        except Exception:  # noqa: BLE001
+            raise EdgeloopError(f"the library of {self.path} has no function {symbol!r} its contract promises; "
+                                "compile the artifact again") from None
 
-    def step(self, state: TvmState, tokens: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise EdgeloopError("step() needs at least one token")
-        if state.length + ids.size > self.max_context:
-            raise EdgeloopError(f"{state.length + ids.size} tokens exceed the artifact's context of "
-                                f"{self.max_context}; rewind the state or start a new one")
-        outs = []
-        for start in range(0, ids.size, self._chunk):
-            chunk = ids[start:start + self._chunk]
-            last = start + self._chunk >= ids.size
-            outs.append(self._forward(state, chunk, all_logits or not last))
-        logits = np.concatenate(outs) if all_logits else outs[-1][-1:]
-        return logits.astype(np.float32, copy=False)
+    def _call(self, name: str, *args):
+        try:
+            return self._fn[name](*args)
+        except Exception as e:  # noqa: BLE001 - a damaged library or params fail inside TVM
+            raise EdgeloopError(f"TVM failed running {name} of {self.path}: "
+                                f"{(str(e).strip().splitlines() or ['error'])[-1][:200]}") from None
 
-    def _forward(self, state: TvmState, ids: np.ndarray, all_logits: bool) -> np.ndarray:
-        if all_logits:
-            fn = self._prefill_all
-        else:
-            fn = self._decode if ids.size == 1 else self._prefill
-        self._begin(state.kv, self._seq, self._tvm.runtime.ShapeTuple([int(ids.size)]))
-        logits = fn(self._tvm.runtime.tensor(ids.astype(np.int32)), state.kv, self.params)
-        self._end(state.kv)
-        state.length += int(ids.size)
-        return logits.numpy()
+    def _tensor(self, array: np.ndarray):
+        return self._tvm.runtime.tensor(array, self._device)
+
+    # -- states --------------------------------------------------------------------------------
+
+    def reserve(self, streams: int) -> None:
+        """Room for `streams` sequences in one cache, so they can step together (the engine calls it
+        before creating a batch's states)."""
+        self._reserved = max(self._reserved, int(streams))
+
+    def new_state(self, *, host: bool = False) -> TvmState:
+        if host and not self.host_loop:
+            raise EdgeloopError("this artifact has no host-driven loop functions (the model has more than one "
+                                "looped stage); early exit and depth-wise batching need CYCLE sharing")
+        groups = self._groups[host]
+        group = next((g for g in groups if g.free), None)
+        if group is None:
+            if groups and not any(g.live for g in groups):
+                groups.clear()  # idle caches: replace them with one big enough
+            group = _Group(self, host, max(self._reserved, 2 * max((g.capacity for g in groups), default=0)))
+            groups.append(group)
+        state = TvmState(host, group, group.free.pop(0))
+        group.live += 1
+        for depth in range(group.per_stream):
+            self._add_sequence(group.kv, group.seq(state.slot, depth))
+        if host:
+            state.written = [[] for _ in range(group.per_stream)]
+        return state
+
+    def release(self, state: TvmState) -> None:
+        group = state.group
+        if group is None:
+            return
+        for depth in range(group.per_stream):
+            self._remove_sequence(group.kv, group.seq(state.slot, depth))
+        group.free.append(state.slot)
+        group.live -= 1
+        state.group = None
 
     def rewind(self, state: TvmState, length: int) -> None:
-        if 0 <= length < state.length:
-            self._popn(state.kv, SEQ_ID, state.length - length)
-            state.length = length
+        length = max(0, int(length))
+        if state.group is None or length >= state.length:
+            return
+        if state.host:
+            for depth, positions in enumerate(state.written):
+                drop = sum(1 for p in positions if p >= length)
+                if drop:
+                    self._popn(state.group.kv, state.group.seq(state.slot, depth), drop)
+                    del positions[len(positions) - drop:]
+        else:
+            self._popn(state.group.kv, state.group.seq(state.slot), state.length - length)
+        state.length = length
+
+    def advance(self, state: TvmState, count: int) -> None:
+        state.length += int(count)
+
+    # -- fused functions -----------------------------------------------------------------------
+
+    def step(self, rows: Sequence[Row]) -> list[RowOutput]:
+        results: list[list[np.ndarray]] = [[] for _ in rows]
+        pending = []  # (row index, tokens not yet fed)
+        for i, row in enumerate(rows):
+            state = row.state
+            if state.host or state.group is None:
+                raise EdgeloopError("step() needs states made by new_state() for the fused functions")
+            tokens = np.asarray(row.tokens, np.int64).reshape(-1)
+            if tokens.size == 0:
+                raise EdgeloopError("step() needs at least one token per row")
+            if state.length + tokens.size > self.max_context:
+                raise EdgeloopError(f"{state.length + tokens.size} tokens exceed the artifact's context of "
+                                    f"{self.max_context}; rewind the state or start a new one")
+            pending.append((i, tokens))
+        while pending:  # rounds of at most one prefill chunk per row
+            by_group: dict[int, list[tuple[int, np.ndarray]]] = {}
+            for i, tokens in pending:
+                by_group.setdefault(id(rows[i].state.group), []).append((i, tokens[:self._chunk]))
+            for calls in by_group.values():
+                for batch in self._fit_chunk(calls):
+                    for (i, _), logits in zip(batch, self._forward([rows[i] for i, _ in batch],
+                                                                   [t for _, t in batch])):
+                        results[i].append(logits)
+            pending = [(i, t[self._chunk:]) for i, t in pending if t.size > self._chunk]
+        return [RowOutput(np.concatenate(parts) if row.all_logits else parts[-1][-1:], self.loops)
+                for row, parts in zip(rows, results)]
+
+    def _fit_chunk(self, calls):
+        """Split a group's rows into calls of at most one prefill chunk of tokens."""
+        batch, tokens = [], 0
+        for call in calls:
+            if batch and tokens + call[1].size > self._chunk:
+                yield batch
+                batch, tokens = [], 0
+            batch.append(call)
+            tokens += call[1].size
+        if batch:
+            yield batch
+
+    def _forward(self, rows: list[Row], tokens: list[np.ndarray]) -> list[np.ndarray]:
+        tvm = self._tvm
+        group = rows[0].state.group
+        lengths = [t.size for t in tokens]
+        ids = np.concatenate(tokens).astype(np.int32)
+        self._begin(group.kv, tvm.runtime.ShapeTuple([group.seq(r.state.slot) for r in rows]),
+                    tvm.runtime.ShapeTuple(lengths))
+        try:
+            if len(rows) == 1 and lengths[0] == 1:
+                logits = self._call("decode", self._tensor(ids), group.kv, self.params).numpy()
+                per_row = [logits]
+            else:
+                ends = np.cumsum(lengths)
+                picks = [np.arange(e - n, e) if r.all_logits else np.array([e - 1])
+                         for r, n, e in zip(rows, lengths, ends)]
+                pos = np.concatenate(picks).astype(np.int32)
+                logits = self._call("forward", self._tensor(ids), group.kv, self._tensor(pos), self.params).numpy()
+                per_row = np.split(logits, np.cumsum([len(p) for p in picks])[:-1])
+        finally:
+            self._end(group.kv)
+        for r, n in zip(rows, lengths):
+            r.state.length += n
+        return [p.astype(np.float32, copy=False) for p in per_row]
+
+    # -- the host-driven loop --------------------------------------------------------------------
+
+    def embed(self, rows: Sequence[Row]) -> list[np.ndarray]:
+        lengths = [len(r.tokens) for r in rows]
+        ids = np.concatenate([np.asarray(r.tokens, np.int64) for r in rows]).astype(np.int32)
+        hidden = self._call("prologue", self._tensor(ids), self.params).numpy()
+        return np.split(hidden, np.cumsum(lengths)[:-1])
+
+    def block(self, rows: Sequence[BlockRow]) -> list[np.ndarray]:
+        tvm = self._tvm
+        out: list[np.ndarray | None] = [None] * len(rows)
+        by_group: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            if not r.state.host or r.state.group is None:
+                raise EdgeloopError("block() needs states made by new_state(host=True)")
+            if not 0 <= r.depth < self.loops:
+                raise EdgeloopError(f"depth {r.depth} is outside the loop (0 .. {self.loops - 1})")
+            by_group.setdefault(id(r.state.group), []).append(i)
+        for members in by_group.values():
+            group = rows[members[0]].state.group
+            lengths, seqs, depth, pos = [], [], [], []
+            for i in members:
+                r = rows[i]
+                start = r.state.length if r.position is None else r.position
+                written = r.state.written[r.depth]
+                stale = sum(1 for p in written if p >= start)  # rewriting positions (a draft verified again)
+                if stale:
+                    self._popn(group.kv, group.seq(r.state.slot, r.depth), stale)
+                    del written[len(written) - stale:]
+                t = len(r.hidden)
+                written.extend(range(start, start + t))
+                lengths.append(t)
+                seqs.append(group.seq(r.state.slot, r.depth))
+                depth += [r.depth] * t
+                pos += list(range(start, start + t))
+            if max(pos) >= self.max_context:
+                raise EdgeloopError(f"{max(pos) + 1} tokens exceed the artifact's context of {self.max_context}")
+            x = np.concatenate([np.asarray(rows[i].hidden, np.float32) for i in members])
+            self._begin(group.kv, tvm.runtime.ShapeTuple(seqs), tvm.runtime.ShapeTuple(lengths))
+            try:
+                y = self._call("block", self._tensor(x), group.kv, self._tensor(np.asarray(depth, np.int32)),
+                               self._tensor(np.asarray(pos, np.int32)), self.params).numpy()
+            finally:
+                self._end(group.kv)
+            for i, part in zip(members, np.split(y, np.cumsum(lengths)[:-1])):
+                out[i] = part
+        return out
+
+    def head(self, hidden: Sequence[np.ndarray]) -> list[RowOutput]:
+        lengths = [len(h) for h in hidden]
+        x = np.concatenate([np.asarray(h, np.float32) for h in hidden])
+        res = self._call("epilogue", self._tensor(x), self.params)
+        gated = self.contract.entry("epilogue").has("exit_score", output=True)
+        logits = (res[0] if gated else res).numpy()
+        score = res[1].numpy()[:, 0] if gated else None
+        cuts = np.cumsum(lengths)[:-1]
+        scores = np.split(score, cuts) if gated else [None] * len(lengths)
+        return [RowOutput(lg.astype(np.float32), 0, sc) for lg, sc in zip(np.split(logits, cuts), scores)]

@@ -63,3 +63,16 @@ def hf_logits(path: Path, ids):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.as_tensor(ids).reshape(1, -1)).logits[0].numpy()
+
+
+def stepwise_logits(model, ids, prefill: int = 8):
+    """Prefill `prefill` tokens (logits of each), then one decode step per remaining token."""
+    from edgeloop.runtimes.backend import Row
+    import numpy as np
+
+    backend = model.backend
+    state = backend.new_state()
+    parts = [backend.step([Row(state, np.asarray(ids[:prefill]), all_logits=True)])[0].logits]
+    parts += [backend.step([Row(state, np.asarray(ids[i:i + 1]))])[0].logits for i in range(prefill, len(ids))]
+    backend.release(state)
+    return np.concatenate(parts)

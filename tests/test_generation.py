@@ -116,10 +116,16 @@ def test_prompt_beyond_context(full_rank):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--temperature", "-1", "temperature must be >= 0"),
+    ("--temperature", "-1", "temperature must be in [0, 100]"),
+    ("--temperature", "nan", "temperature must be a number"),
+    ("--temperature", "inf", "temperature must be a number"),
+    ("--temperature", "1e-310", "too small to sample from"),
+    ("--repetition-penalty", "nan", "repetition_penalty must be a number"),
+    ("--seed", "-1", "seed must be in [0, 18446744073709551615]"),
     ("--top-p", "1.5", "top_p must be in (0, 1]"),
     ("--min-p", "2", "min_p must be in [0, 1)"),
-    ("--max-new-tokens", "-3", "max_new_tokens must be >= 0"),
+    ("--max-new-tokens", "-3", "max_new_tokens must be in [0, 1048576]"),
+    ("--top-k", "many", "Invalid value for '--top-k'"),
 ])
 def test_invalid_options_fail_cleanly(full_rank, flag, value, message):
     r = run_cli("run", full_rank.path, "--prompt", "hi", flag, value)

@@ -10,7 +10,7 @@ import pytest
 
 import edgeloop
 from edgeloop.presets import TINY
-from conftest import hf_logits, run_cli
+from conftest import hf_logits, run_cli, stepwise_logits
 
 IDS = np.random.default_rng(1).integers(3, 300, size=24)
 PREFILL = 8
@@ -35,11 +35,7 @@ def artifact(tmp_path_factory, converted):
 
 
 def _stepwise_logits(model, ids):
-    """Prefill PREFILL tokens, then one decode step per remaining token."""
-    state = model.backend.new_state()
-    parts = [model.backend.step(state, ids[:PREFILL], all_logits=True)]
-    parts += [model.backend.step(state, ids[i:i + 1]) for i in range(PREFILL, len(ids))]
-    return np.concatenate(parts)
+    return stepwise_logits(model, ids, PREFILL)
 
 
 @pytest.mark.parametrize("layout", ["loop", "unrolled"])
@@ -92,20 +88,19 @@ def test_loop_graph_holds_the_block_once(artifact):
     for name in shared:
         assert main_uses.get(name, 0) == 0, f"{name} used in the main graph"
         assert body_uses.get(name, 0) == 1, f"{name} used {body_uses.get(name, 0)} times in the body"
-    manifest = edgeloop.load(path).backend.manifest
-    assert manifest["graph"]["loops"] == 1
+    assert edgeloop.load(path).contract.graph["loops"] == 1
 
 
 def test_sizes_loop_unrolled_vanilla(artifact, hf_checkpoint, tmp_path):
-    loop = edgeloop.load(artifact("llama", "loop", loops=4, lora_rank=4)).backend.manifest
-    unrolled = edgeloop.load(artifact("llama", "unrolled", loops=4, lora_rank=4)).backend.manifest
+    loop = edgeloop.load(artifact("llama", "loop", loops=4, lora_rank=4)).contract
+    unrolled = edgeloop.load(artifact("llama", "unrolled", loops=4, lora_rank=4)).contract
     vanilla = edgeloop.compile(hf_checkpoint("llama"), tmp_path / "vanilla", layout="unrolled")
 
     def size(manifest):
-        return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith("model.onnx"))
+        return sum(f.bytes for name, f in manifest.files.items() if name.endswith((".onnx", ".onnx.data")))
 
     def weights(manifest):  # the unrolled graph's RoPE tables are half width (GroupQueryAttention rotates)
-        return sum(v for k, v in manifest["graph"]["bytes_by_kind"].items() if k != "other")
+        return sum(v for k, v in manifest.graph["bytes_by_kind"].items() if k != "other")
 
     assert abs(weights(loop) - weights(unrolled)) / weights(unrolled) < 0.01
     assert abs(size(loop) - size(unrolled)) / size(unrolled) < 0.1
@@ -153,7 +148,7 @@ def test_modified_artifact_is_rejected(artifact, tmp_path):
     import shutil
 
     path = shutil.copytree(artifact("llama", "loop"), tmp_path / "a")
-    data = path / "model.onnx.data"
+    data = path / "weights.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
     data.write_bytes(bytes(raw))
@@ -187,9 +182,9 @@ def test_float16_lora_storage_is_kept(converted, tmp_path, layout):
     for dtype in ("float32", "float16"):
         out = tmp_path / dtype
         manifest = edgeloop.compile(model_dir, out, layout=layout, lora_dtype=dtype)
-        sizes[dtype] = manifest["files"]["model.onnx.data"]["bytes"]
+        sizes[dtype] = manifest.files["weights.onnx.data"].bytes
         logits[dtype] = edgeloop.load(out).logits(IDS)
-        lora_bytes = manifest["graph"]["bytes_by_kind"]["lora"]
+        lora_bytes = manifest.graph["bytes_by_kind"]["lora"]
     # the LoRA halves on disk (offline optimization must not fold the Casts back to fp32)
     assert sizes["float32"] - sizes["float16"] >= 0.9 * lora_bytes
     assert np.abs(logits["float32"] - logits["float16"]).max() < 1e-2

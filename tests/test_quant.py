@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 import edgeloop
 from edgeloop.compiler import quant_pack as qp
 from edgeloop.errors import EdgeloopError
-from conftest import BUNDLED, run_cli
+from conftest import BUNDLED, run_cli, stepwise_logits
 
 IDS = np.random.default_rng(1).integers(3, 300, size=24)
 RNG = np.random.default_rng(0)
@@ -89,11 +89,7 @@ def _dequantized_tensors(model_dir, *, quantize_embeddings, **q):
     return md, tensors
 
 
-def _stepwise(model, ids, prefill=8):
-    state = model.backend.new_state()
-    parts = [model.backend.step(state, ids[:prefill], all_logits=True)]
-    parts += [model.backend.step(state, ids[i:i + 1]) for i in range(prefill, len(ids))]
-    return np.concatenate(parts)
+_stepwise = stepwise_logits
 
 
 # qwen2: tied table decoded with plain ops from the head's codes; llama: untied, GatherBlockQuantized.
@@ -112,7 +108,7 @@ def test_int4_loop_and_unrolled_match_dequantized_reference(converted, tmp_path,
         out = tmp_path / layout
         manifest = edgeloop.compile(model_dir, out, layout=layout, quant="int4", quantize_embeddings=embeddings,
                                     accuracy_level=0)  # fp32 compute: no activation quantization
-        ops = manifest["graph"]["ops"]
+        ops = manifest.graph["ops"]
         assert ops.get("MatMulNBits", 0) >= 4 + embeddings and lookup in ops
         model = edgeloop.load(out)
         results.append(_stepwise(model, IDS))
@@ -140,9 +136,9 @@ def test_int8_lora_matches_dequantized_reference(converted, tmp_path):
     expected = Model(ReferenceBackend(ReferenceModel(md.spec, md.recursion, tensors)), model_dir, {}).logits(IDS)
     fp32 = edgeloop.compile(model_dir, tmp_path / "fp32", layout="unrolled")
     manifest = edgeloop.compile(model_dir, tmp_path / "int8", layout="unrolled", lora_dtype="int8", accuracy_level=0)
-    assert manifest["quantization"]["schemes_by_kind"] == {"lora": "int8-block"}
-    assert manifest["graph"]["ops"].get("MatMul", 0) < fp32["graph"]["ops"]["MatMul"]  # no float LoRA MatMul left
-    assert manifest["graph"]["bytes_by_kind"]["lora"] <= 0.5 * fp32["graph"]["bytes_by_kind"]["lora"]
+    assert manifest.quantization["schemes_by_kind"] == {"lora": "int8-block"}
+    assert manifest.graph["ops"].get("MatMul", 0) < fp32.graph["ops"]["MatMul"]  # no float LoRA MatMul left
+    assert manifest.graph["bytes_by_kind"]["lora"] <= 0.5 * fp32.graph["bytes_by_kind"]["lora"]
     model = edgeloop.load(tmp_path / "int8")
     assert np.abs(model.logits(IDS) - expected).max() <= 1e-4
     assert np.abs(_stepwise(model, IDS) - expected).max() <= 1e-4
@@ -159,8 +155,8 @@ def test_loop_body_reads_packed_outer_scope_weights(converted, tmp_path):
     assert len(nbits) == 4 and not any(n.op_type == "MatMul" and n.input[1].endswith(".W") for n in body.node)
     names = {i.name for i in graph.initializer}
     assert all(n.input[1] in names for n in nbits) and "b0.qkv.W" not in names
-    assert manifest["quantization"]["quantized_weights"] == ["b0.down.W", "b0.gate_up.W", "b0.o.W", "b0.qkv.W"]
-    assert "quality" in manifest and manifest["quality"]["text"] == "random token ids"
+    assert manifest.quantization["quantized_weights"] == ["b0.down.W", "b0.gate_up.W", "b0.o.W", "b0.qkv.W"]
+    assert manifest.quality is not None and manifest.quality["text"] == "random token ids"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +176,8 @@ def size_model(tmp_path_factory):
     return root / "model"
 
 
-def _artifact_bytes(manifest):
-    return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith("model.onnx"))
+def _artifact_bytes(contract):
+    return sum(f.bytes for name, f in contract.files.items() if name.endswith((".onnx", ".onnx.data")))
 
 
 def test_sizes(size_model, tmp_path):
@@ -195,11 +191,11 @@ def test_sizes(size_model, tmp_path):
         assert packed <= limit * fp32_block, (symmetric, block_size, packed / fp32_block)
     full = edgeloop.compile(size_model, tmp_path / "int4-emb", quant="int4", quantize_embeddings=True)
     assert _artifact_bytes(full) <= 0.2 * _artifact_bytes(fp32)
-    assert full["quality"]["size_vs_fp32"] <= 0.2 and "embed.weight" not in full["quantization"]["kept_float"]
+    assert full.quality["size_vs_fp32"] <= 0.2 and "embed.weight" not in full.quantization["kept_float"]
     kept = edgeloop.compile(size_model, tmp_path / "kept", quant="int4", quantize_embeddings=True,
                             keep_float=["embed.*", "b0.down.W"])
-    assert kept["quantization"]["kept_float"] == ["b0.down.W", "embed.weight"]
-    assert "b0.down.W" not in kept["quantization"]["quantized_weights"]
+    assert kept.quantization["kept_float"] == ["b0.down.W", "embed.weight"]
+    assert "b0.down.W" not in kept.quantization["quantized_weights"]
 
 
 def _init_bytes(artifact, names):
@@ -221,12 +217,12 @@ def bundled_model(tmp_path_factory):
 
 
 def test_bundled_quality(bundled_model, tmp_path):
-    int8 = edgeloop.compile(bundled_model, tmp_path / "int8", quant="int8")["quality"]
+    int8 = edgeloop.compile(bundled_model, tmp_path / "int8", quant="int8").quality
     assert int8["text"].endswith("heldout.txt") and int8["tokens"] >= 2000
     assert int8["mean_kl"] < 1e-4 and int8["top1_agreement"] > 0.99
     rtn = edgeloop.compile(bundled_model, tmp_path / "rtn", quant="int4", quantize_embeddings=True,
-                           scale_search=False)["quality"]
-    searched = edgeloop.compile(bundled_model, tmp_path / "int4", quant="int4", quantize_embeddings=True)["quality"]
+                           scale_search=False).quality
+    searched = edgeloop.compile(bundled_model, tmp_path / "int4", quant="int4", quantize_embeddings=True).quality
     assert searched["mean_kl"] < 5e-3 and searched["top1_agreement"] > 0.93
     assert searched["mean_kl"] <= rtn["mean_kl"]
     assert abs(searched["perplexity_delta"]) < 0.05 * searched["perplexity_fp32"]
@@ -251,7 +247,7 @@ def test_every_family_quantizes_runs_and_reports_quality(converted, tmp_path, pr
     model_dir = converted(preset, loops=2, lora_rank=8)
     for quant in ("int8", "int4"):
         manifest = edgeloop.compile(model_dir, tmp_path / quant, quant=quant, quantize_embeddings=quant == "int4")
-        quality = manifest["quality"]
+        quality = manifest.quality
         # random weights on random ids: only sanity here; the quality bars use the trained model
         assert 0 <= quality["mean_kl"] < 0.1 and 0.5 < quality["top1_agreement"] <= 1, quality
         model = edgeloop.load(tmp_path / quant)

@@ -15,6 +15,7 @@ import edgeloop  # noqa: E402
 from edgeloop.compiler import compile_model  # noqa: E402
 from edgeloop.errors import EdgeloopError  # noqa: E402
 from edgeloop.presets import TINY  # noqa: E402
+from edgeloop.runtimes.backend import Row  # noqa: E402
 
 FAMILIES = sorted(TINY)
 PROMPT, DECODE_STEPS, TOL = 12, 8, 1e-4
@@ -49,10 +50,14 @@ def _assert_parity(model_dir, artifact, ref=None):
     np.testing.assert_allclose(art.logits(ids[:PROMPT]), ref.logits(ids[:PROMPT]), atol=TOL, rtol=0)
     # prefill then one decode step at a time over the same KV state
     rs, ts = ref.backend.new_state(), art.backend.new_state()
-    np.testing.assert_allclose(art.backend.step(ts, ids[:PROMPT]), ref.backend.step(rs, ids[:PROMPT]), atol=TOL, rtol=0)
+
+    def step(model, state, tokens):
+        return model.backend.step([Row(state, np.asarray(tokens))])[0].logits
+
+    np.testing.assert_allclose(step(art, ts, ids[:PROMPT]), step(ref, rs, ids[:PROMPT]), atol=TOL, rtol=0)
     for tok in ids[PROMPT:]:
         one = np.array([tok])
-        np.testing.assert_allclose(art.backend.step(ts, one), ref.backend.step(rs, one), atol=TOL, rtol=0)
+        np.testing.assert_allclose(step(art, ts, one), step(ref, rs, one), atol=TOL, rtol=0)
     assert ts.length == PROMPT + DECODE_STEPS
     prompt = [int(i) for i in ids[:6]]
     opts = dict(max_new_tokens=10, temperature=0.0, ignore_eos=True)
@@ -63,8 +68,8 @@ def _assert_parity(model_dir, artifact, ref=None):
 def test_family_matches_reference(preset, converted, tvm_compiled):
     model_dir = converted(preset, loops=2, lora_rank=8)
     artifact = tvm_compiled(model_dir)
-    manifest = edgeloop.load(artifact).description
-    assert manifest["layout"] == "recursion" and manifest["graph"]["stages"][0]["repeats"] == 2
+    contract = edgeloop.load(artifact).contract
+    assert contract.layout == "recursion" and contract.graph["stages"][0]["repeats"] == 2
     _assert_parity(model_dir, artifact)
 
 
@@ -72,7 +77,7 @@ def test_family_matches_reference(preset, converted, tvm_compiled):
 def test_multi_stage_sharing(sharing, converted, tvm_compiled):
     model_dir = converted("llama3", loops=2, sharing=sharing, lora_rank=4)  # 6 layers
     artifact = tvm_compiled(model_dir)
-    stages = edgeloop.load(artifact).description["graph"]["stages"]
+    stages = edgeloop.load(artifact).contract.graph["stages"]
     assert len(stages) == 3 and any(s["repeats"] == 2 for s in stages)
     _assert_parity(model_dir, artifact)
 
@@ -87,10 +92,10 @@ def test_rewind_and_chunked_prefill(converted, tvm_compiled):
     art = edgeloop.load(tvm_compiled(model_dir))
     ids = _ids(20, art.backend.vocab_size, seed=3)
     state = art.backend.new_state()
-    art.backend.step(state, ids)
+    art.backend.step([Row(state, ids)])
     art.backend.rewind(state, 10)
     assert state.length == 10
-    again = art.backend.step(state, ids[10:15], all_logits=True)
+    again = art.backend.step([Row(state, ids[10:15], all_logits=True)])[0].logits
     np.testing.assert_allclose(again, art.logits(ids[:15])[10:], atol=1e-5, rtol=0)
     art.backend._chunk = 7  # prompts longer than a prefill chunk go in several calls
     np.testing.assert_allclose(art.logits(ids), edgeloop.load(model_dir).logits(ids), atol=TOL, rtol=0)
@@ -100,7 +105,7 @@ def test_context_limit(converted, tvm_compiled):
     art = edgeloop.load(tvm_compiled(converted("llama", loops=2, lora_rank=8)))
     state = art.backend.new_state()
     with pytest.raises(EdgeloopError, match="context"):
-        art.backend.step(state, np.zeros(art.backend.max_context + 1, dtype=np.int64))
+        art.backend.step([Row(state, np.zeros(art.backend.max_context + 1, dtype=np.int64))])
 
 
 def _dequantized_reference(model_dir, **q):
@@ -128,15 +133,15 @@ def test_int4_matches_dequantized_reference(preset, q, converted, tvm_compiled):
     model_dir = converted(preset, loops=2, lora_rank=8)
     artifact = tvm_compiled(model_dir, quant="int4", block_size=q["block_size"], symmetric=q["symmetric"],
                             scale_search=q["search"])
-    manifest = edgeloop.load(artifact).description
-    quant = manifest["quantization"]
+    contract = edgeloop.load(artifact).contract
+    quant = contract.quantization
     assert quant["block_size"] == q["block_size"] and quant["symmetric"] == q["symmetric"]
     assert {w.split(".")[-1] for w in quant["quantized_weights"]} == {"down", "gate_up", "o", "qkv"}
-    names = manifest["io"]["param_names"]
+    names = contract.tvm.param_names
     assert "blocks.0.qkv.Wq" in names and "blocks.0.qkv.W" not in names  # no fp32 copy of a packed weight
     assert ("blocks.0.qkv.Wz" in names) != q["symmetric"] and "blocks.0.qkv.A" in names  # LoRA stays float
     # one fused decode-inside-matmul kernel per group and mode, no separate decode kernel
-    assert {"qkv_int4_decode", "down_int4_prefill"} <= set(manifest["kernels"])
+    assert {"qkv_int4_decode", "down_int4_prefill"} <= set(contract.kernels)
     _assert_parity(model_dir, artifact, ref=_dequantized_reference(model_dir, **q))
 
 
@@ -166,9 +171,9 @@ def test_cuda_source_compiles_with_nvcc(tmp_path, converted):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not installed; the CUDA artifact is built but its source is not compiled")
-    manifest = edgeloop.compile(converted("llama", loops=2, lora_rank=8), tmp_path / "cu", backend="tvm",
+    contract = edgeloop.compile(converted("llama", loops=2, lora_rank=8), tmp_path / "cu", backend="tvm",
                                 target="cuda")
-    assert manifest["device_sources"] == ["model.cu"]
+    assert contract.tvm.device_sources == ("model.cu",)
     r = subprocess.run([nvcc, "-c", str(tmp_path / "cu" / "model.cu"), "-arch=sm_90", "-o", str(tmp_path / "m.o")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,0 +1,208 @@
+"""The running commands of the `edgeloop` CLI: run, chat, perplexity, bench (registered on `cli.app`)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from edgeloop.cli import _escape, app, err, out
+from edgeloop.errors import EdgeloopError
+
+
+def _generation_options(**options) -> dict:
+    options["stop"] = list(options.get("stop") or [])
+    return options
+
+
+@app.command()
+def run(
+    path: Path = typer.Argument(..., help="artifact (or model dir, run on the PyTorch reference)"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="text to continue"),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate"),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default unless the model says otherwise)"),
+    top_k: Optional[int] = typer.Option(None, help="keep the k most likely tokens (0 = off)"),
+    top_p: Optional[float] = typer.Option(None, help="nucleus sampling mass in (0, 1]"),
+    min_p: Optional[float] = typer.Option(None, help="drop tokens below min_p x the top probability"),
+    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages repeats"),
+    seed: Optional[int] = typer.Option(None, help="RNG seed for reproducible sampling (0 .. 2^64-1)"),
+    stop: Optional[List[str]] = typer.Option(None, help="stop string (repeatable)"),
+    truncate: bool = typer.Option(False, help="keep the end of a prompt longer than the context"),
+    exit_policy: Optional[str] = typer.Option(None, "--exit", help="early exit: none | confidence:TAU | "
+                                              "agreement[:N] | gate[:THRESHOLD] | speculate:DxN (default: the "
+                                              "artifact's calibrated policy)"),
+    show_depths: bool = typer.Option(False, "--show-depths", help="print each token's loop passes to stderr"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (text + timings) instead of streaming"),
+) -> None:
+    """Generate text, streaming it to stdout; timings go to stderr."""
+    import edgeloop
+
+    model = edgeloop.load(path)
+    config = model.generation_config(**_generation_options(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed, stop=stop, truncate=truncate, exit=exit_policy))
+    pieces = model.stream(prompt, config=config)
+    first = next(pieces, None)  # the prompt is checked (tokenized, fitted) before anything is printed
+    if as_json:
+        text = (first or "") + "".join(pieces)
+        out.print_json(json.dumps({"prompt": prompt, "text": text, "stats": model.last_stats.to_dict()}))
+        return
+    s = model.last_stats
+    if s.dropped_prompt_tokens:
+        err.print(f"[yellow]note:[/] the prompt was {s.dropped_prompt_tokens + s.prompt_tokens} tokens; kept its last "
+                  f"{s.prompt_tokens} (--truncate)")
+    sys.stdout.write(prompt)
+    for piece in ([first] if first is not None else []) + [p for p in pieces]:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()  # the text ends before the timings start on a shared terminal
+    loops = f" | mean loops {s.mean_loops:.2f}" if s.depths else ""
+    err.print(f"[dim]{s.prompt_tokens} prompt tokens, {s.new_tokens} new ({s.finish_reason}) | "
+              f"time to first token {s.prefill_s * 1000:.1f} ms | prefill {s.prefill_tok_s:.1f} tok/s | "
+              f"decode {s.decode_tok_s:.1f} tok/s{loops}[/]")
+    if show_depths and s.depths:
+        err.print(f"[dim]loop passes per token: {' '.join(map(str, s.depths))}[/]")
+
+
+@app.command()
+def chat(
+    path: Path = typer.Argument(..., help="artifact (or model dir)"),
+    system: Optional[str] = typer.Option(None, help="system prompt"),
+    max_new_tokens: int = typer.Option(256, help="tokens per reply"),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy"),
+    top_p: Optional[float] = typer.Option(None, help="nucleus sampling mass"),
+    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages repeats"),
+    seed: Optional[int] = typer.Option(None, help="RNG seed"),
+) -> None:
+    """Interactive chat with the model's chat template; the KV cache is reused across turns."""
+    import edgeloop
+
+    model = edgeloop.load(path)
+    session = model.chat(system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         repetition_penalty=repetition_penalty, seed=seed)
+    if model.tokenizer.chat_template is None:
+        err.print("[dim]no chat template in the tokenizer config: using a plain 'User:/Assistant:' transcript[/]")
+    err.print("[dim]empty line or Ctrl-D to quit[/]")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        except UnicodeDecodeError:
+            raise EdgeloopError("the input is not valid UTF-8 text") from None
+        if not line.strip():
+            break
+        for piece in session.send_stream(line):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        s = model.last_stats
+        err.print(f"[dim]{s.new_tokens} tokens, first after {s.prefill_s * 1000:.0f} ms, "
+                  f"{s.decode_tok_s:.1f} tok/s, {session.state.length} in cache[/]")
+
+
+@app.command()
+def perplexity(
+    path: Path = typer.Argument(..., help="artifact, model dir or HF checkpoint"),
+    text_file: Path = typer.Option(..., "--text-file", "-f", help="UTF-8 text to score"),
+    window: Optional[int] = typer.Option(None, help="tokens per scoring window (default: the context)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Perplexity of a text file (non-overlapping windows)."""
+    import time
+
+    import edgeloop
+    from edgeloop.fileio import read_text
+
+    if window is not None and window < 1:
+        raise EdgeloopError(f"--window must be a positive number of tokens, got {window}")
+    text = read_text(text_file, "text file")
+    model = edgeloop.load(path)
+    start = time.perf_counter()
+    ppl = model.perplexity(text, window=window)
+    tokens = len(model.tokenizer.encode(text))
+    result = {"path": str(path), "text_file": str(text_file), "tokens": tokens, "perplexity": round(ppl, 4),
+              "seconds": round(time.perf_counter() - start, 2)}
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"perplexity {ppl:.3f} over {tokens} tokens ({result['seconds']} s)")
+
+
+def _positive_ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise EdgeloopError(f"{flag} must be comma-separated positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise EdgeloopError(f"{flag} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _writable_file(path: Path, flag: str) -> None:
+    """Checked before minutes of measuring, not after."""
+    import os
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise EdgeloopError(f"{flag} {path}: cannot write a file there")
+
+
+@app.command()
+def bench(
+    paths: List[Path] = typer.Argument(..., help="artifacts and/or model dirs (PyTorch reference), measured together"),
+    prefill_tokens: int = typer.Option(128, help="prompt length for the prefill latency"),
+    contexts: str = typer.Option("128,1024", help="comma-separated contexts for decode tok/s"),
+    decode_steps: int = typer.Option(32, help="decode steps timed per measurement"),
+    rounds: int = typer.Option(3, help="interleaved rounds (min/median/max over them)"),
+    batch: str = typer.Option("1", help="comma-separated batch sizes: aggregate decode tok/s of that many "
+                                       "sequences stepping together (at the first context)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
+    rss: bool = typer.Option(True, help="measure peak RSS per model in a subprocess"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="write decode tok/s vs context as a PNG"),
+) -> None:
+    """Prefill latency, decode tok/s (single and batched) and peak RSS, models interleaved in one run."""
+    from edgeloop.runtimes.bench import BenchConfig, plot, run_bench, to_json
+
+    ctx = _positive_ints(contexts, "--contexts")
+    batches = _positive_ints(batch, "--batch")
+    for flag, value in (("--prefill-tokens", prefill_tokens), ("--decode-steps", decode_steps), ("--rounds", rounds)):
+        if value < 1:
+            raise EdgeloopError(f"{flag} must be >= 1, got {value}")
+    if threads is not None and threads < 1:
+        raise EdgeloopError(f"--threads must be >= 1, got {threads}")
+    if plot_path:
+        _writable_file(plot_path, "--plot")
+    config = BenchConfig(prefill_tokens=prefill_tokens, contexts=ctx, decode_steps=decode_steps, rounds=rounds,
+                         threads=threads, rss=rss, batches=batches)
+    names = _unique_names(paths)
+    results = run_bench([str(p) for p in paths], config, names,
+                        progress=None if as_json else lambda r: err.print(f"[dim]round {r}/{rounds} done[/]"))
+    if plot_path:
+        plot(results, plot_path)
+    if as_json:
+        out.print_json(to_json(results, config))
+        return
+    table = Table(title=f"prefill {prefill_tokens} tokens, decode {decode_steps} steps, {rounds} rounds (median)")
+    batch_cols = [b for b in batches if b > 1]
+    for col in (["model", "backend", "prefill ms"] + [f"decode tok/s @{c}" for c in ctx]
+                + [f"batch {b} tok/s @{ctx[0]}" for b in batch_cols] + ["peak RSS MB", "disk MB"]):
+        table.add_column(col, justify="left" if col in ("model", "backend") else "right")
+    for r in results:
+        table.add_row(_escape(r.name), r.backend, f"{statistics.median(r.prefill_ms):.1f}",
+                      *[f"{statistics.median(r.decode_tok_s[c]):.1f}" for c in ctx],
+                      *[f"{statistics.median(r.batch_tok_s[b]):.1f}" for b in batch_cols],
+                      f"{r.peak_rss_mb}" if r.peak_rss_mb is not None else "-", f"{r.bytes_on_disk / 1e6:.1f}")
+    out.print(table)
+
+
+def _unique_names(paths: List[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    return [str(p) if names.count(p.name) > 1 else p.name for p in paths]
