@@ -14,7 +14,7 @@ Written into a temporary directory and renamed at the end: never half an artifac
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeloop.fileio import atomic_output_dir, sha256_file
@@ -50,16 +50,14 @@ def has_host_loop(recursion) -> bool:
 
 def loop_state(model) -> LoopState:
     rec = model.recursion
-    looped = [i for i, s in enumerate(rec.stages) if s.repeats > 1]
     return LoopState(loops=rec.loops, blocks_per_loop=rec.shared_per_loop, sharing=rec.sharing, stages=rec.stages,
-                     num_depths=rec.num_depths, host_loop=has_host_loop(rec), looped_stage=looped[0] if looped else 0,
-                     loop_norm=model.spec.loop_norm)
+                     num_depths=rec.num_depths, host_loop=has_host_loop(rec), loop_norm=model.spec.loop_norm)
 
 
 def _tokenizer(model) -> tuple[TokenizerSection, str | None]:
     section, template = resolve_tokenizer(model.path, model.generation, model.spec.vocab_size)
     if template is not None:
-        section = TokenizerSection(**{**section.__dict__, "chat_template": TEMPLATE_FILE})
+        section = replace(section, chat_template=TEMPLATE_FILE)
     return section, template
 
 

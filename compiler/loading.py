@@ -28,6 +28,7 @@ def load_for_compile(path: Path) -> CompileInput:
     require_dir(path, "model directory")
     if is_model_dir(path):
         md = read_model_dir(path)
+        _check_finite(md.tensors, path)
         return CompileInput(path, md.spec, md.recursion, md.tensors, md.generation)
     if (path / "config.json").is_file():
         ck = read_hf_checkpoint(path)  # a vanilla checkpoint compiles as K = L, B = 1
@@ -36,3 +37,10 @@ def load_for_compile(path: Path) -> CompileInput:
             tensors.update({f"blocks.{i}.{k}": v for k, v in layer.items()})
         return CompileInput(path, ck.spec, vanilla_recursion(ck.spec), tensors, generation_defaults(path, ck.config))
     raise EdgeloopError(f"{path} has no config.json; pass an edgeloop model dir (edgeloop convert) or a HF checkpoint")
+
+
+def _check_finite(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """A model dir edited after conversion could hold NaN or Inf weights: refuse them here, not as NaN logits."""
+    for name, t in tensors.items():
+        if not np.isfinite(t).all():
+            raise EdgeloopError(f"tensor {name} in {path} holds NaN or Inf values; convert the model again")

@@ -87,8 +87,6 @@ def convert(
     options = ConvertOptions(loops=loops, sharing=sharing, init=init, lora_rank=lora_rank,
                              lora_rank_attn=lora_rank_attn, lora_rank_mlp=lora_rank_mlp,
                              share_norms=share_norms, svd_dtype=svd_dtype, svd=svd)
-    if not as_json:
-        err.print(f"[dim]convert {hf_dir} -> {output}: {options}[/]")
     result = run_convert(hf_dir, output, options, overwrite=force, progress=not as_json)
     p, rec = result.params, result.recursion
     summary = {"output": str(result.path), "family": result.spec.family, "layers": result.spec.num_layers,
@@ -109,7 +107,8 @@ def convert(
     table.add_row("compression vs original", f"{p.compression:.2f}x")
     out.print(table)
     for note in result.notes:
-        err.print(f"[yellow]note:[/] {note}")
+        err.print(f"[yellow]note:[/] {_escape(note)}")
+    err.print(f"[dim]{_escape(str(options))}[/]", soft_wrap=True)
 
 
 @app.command("export-merged")
@@ -166,8 +165,6 @@ def compile_cmd(
                              calibration_text=str(calibration_text) if calibration_text else None, optimize=optimize,
                              tune_trials=tune_trials, debug_dump=str(debug_dump) if debug_dump else None)
     options.validate()
-    if not as_json:
-        err.print(f"[dim]compile {model_dir} -> {output}: {options}[/]")
     contract = compile_model(model_dir, output, options, overwrite=force)
     size = sum(f.bytes for f in contract.files.values())
     summary = {"output": str(output), "backend": backend, "target": target, "layout": contract.layout,
@@ -191,6 +188,7 @@ def compile_cmd(
     quality = contract.quality
     if quality:
         out.print("  quality vs fp32: " + ", ".join(f"{k} {v}" for k, v in quality.items()))
+    err.print(f"[dim]{_escape(str(options))}[/]", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from edgeloop.runtimes.contract import MANIFEST, load, verify_files
@@ -28,8 +29,14 @@ def describe_artifact(path: Path) -> dict:
     info = {"path": str(path), "kind": "edgeloop artifact", "backend": contract.backend, "target": contract.target,
             "layout": contract.layout, "quantization": contract.quantization or {"scheme": "none"}}
     info.update(describe_model(contract.model, contract.recursion))
+    info["compiled_by"] = f"edgeloop {contract.edgeloop_version}"
     info["entry_points"] = sorted(contract.entry_points)
-    info["host_loop"] = contract.loop.host_loop
+    info["loop"] = asdict(contract.loop)
+    info["kv_cache"] = {k: v for k, v in asdict(contract.kv).items() if k != "entries"}
+    section = contract.onnx or contract.tvm
+    info[contract.backend] = {k: v for k, v in asdict(section).items() if k != "param_names"}
+    if contract.options:
+        info["options"] = contract.options
     for key in ("graph", "quality"):
         if getattr(contract, key):
             info[key] = getattr(contract, key)

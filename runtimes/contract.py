@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,8 +58,12 @@ ROLES = (
 )
 
 
+_STRICT = {"extra": "forbid"}  # pydantic: an unknown field is an error, not silently ignored
+
+
 @dataclass(frozen=True)
 class TensorSpec:
+    __pydantic_config__ = _STRICT
     name: str
     role: str
     dtype: DType
@@ -71,6 +75,7 @@ class TensorSpec:
 class EntryPoint:
     """A callable unit: an ONNX model file, or a function of the TVM library."""
 
+    __pydantic_config__ = _STRICT
     symbol: str  # ONNX: the .onnx file; TVM: the function name
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -91,6 +96,7 @@ class EntryPoint:
 class KVEntry:
     """One host-owned buffer pair (ONNX): the depth positions it holds (several when stacked)."""
 
+    __pydantic_config__ = _STRICT
     id: str
     depths: tuple[int, ...]
 
@@ -99,6 +105,7 @@ class KVEntry:
 class KVLayout:
     """The KV cache: one slot per (block position, depth) of every sequence."""
 
+    __pydantic_config__ = _STRICT
     kind: Literal["host", "paged"]  # host: the driver owns numpy buffers; paged: the backend's paged cache
     dtype: DType
     kv_heads: int
@@ -117,18 +124,19 @@ class KVLayout:
 class LoopState:
     """How the depth positions loop: what the host needs to drive the loop or cap it."""
 
+    __pydantic_config__ = _STRICT
     loops: int  # B: passes of the looped stage at full depth
     blocks_per_loop: int  # K
     sharing: str
     stages: tuple[Stage, ...]
     num_depths: int
     host_loop: bool  # prologue / block / epilogue entry points present (one looped stage)
-    looped_stage: int = 0  # the stage the block entry point runs
     loop_norm: bool = False  # the final norm is applied after every pass and fed to the next (Ouro)
 
 
 @dataclass(frozen=True)
 class TokenizerSection:
+    __pydantic_config__ = _STRICT
     file: str | None  # tokenizer.json, or None (logits only)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
@@ -142,6 +150,7 @@ class TokenizerSection:
 class GenerationDefaults:
     """The model's own sampling defaults (generation_config.json), validated at compile time."""
 
+    __pydantic_config__ = _STRICT
     do_sample: bool | None = None
     temperature: float | None = None
     top_k: int | None = None
@@ -152,6 +161,7 @@ class GenerationDefaults:
 
 @dataclass(frozen=True)
 class OnnxSection:
+    __pydantic_config__ = _STRICT
     data_files: tuple[str, ...]  # external-data files the entry points read (ORT opens them itself)
     execution_provider: str
     offline_optimization: str
@@ -162,6 +172,7 @@ class OnnxSection:
 
 @dataclass(frozen=True)
 class TvmSection:
+    __pydantic_config__ = _STRICT
     library: str
     params: str
     param_names: tuple[str, ...]
@@ -173,12 +184,14 @@ class TvmSection:
 
 @dataclass(frozen=True)
 class FileEntry:
+    __pydantic_config__ = _STRICT
     sha256: str
     bytes: int
 
 
 @dataclass(frozen=True)
 class Contract:
+    __pydantic_config__ = _STRICT
     format: Literal["edgeloop-artifact"]
     version: int
     edgeloop_version: str
@@ -390,16 +403,6 @@ def serialize(contract: Contract) -> bytes:
     raw = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
     digest = manifest_digest(raw).encode()
     return raw.replace(b'"manifest_sha256": "' + _ZERO_DIGEST + b'"', b'"manifest_sha256": "' + digest + b'"', 1)
-
-
-def replace(contract: Contract, **changes) -> Contract:
-    from dataclasses import replace as _replace
-
-    return _replace(contract, **changes)
-
-
-def field_names(cls) -> list[str]:
-    return [f.name for f in fields(cls)] if is_dataclass(cls) else []
 
 
 def main() -> None:  # python -m edgeloop.runtimes.contract [--write]

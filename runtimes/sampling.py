@@ -141,8 +141,9 @@ class GenerationConfig:
             for key in ("temperature", "top_k", "top_p"):
                 if d.get(key) is not None:
                     base[key] = d[key]
-        if d.get("repetition_penalty") is not None:
-            base["repetition_penalty"] = d["repetition_penalty"]
+        for key in ("repetition_penalty", "max_new_tokens"):
+            if d.get(key) is not None:
+                base[key] = d[key]
         names = {f.name for f in fields(cls)}
         unknown = [k for k in overrides if k not in names]
         if unknown:

@@ -85,6 +85,7 @@ class TvmBackend:
         self.loops = contract.loop.loops
         self.host_loop = contract.loop.host_loop and "block" in contract.entry_points
         self._chunk, self._page = kv.prefill_chunk, kv.page_size
+        self._token_dtype = np.dtype(section.token_dtype)
         self._fn = {name: self._function(name) for name in contract.entry_points if not name.startswith("create")}
         builtin = tvm.get_global_func
         self._add_sequence = builtin("vm.builtin.kv_state_add_sequence")
@@ -211,7 +212,7 @@ class TvmBackend:
         tvm = self._tvm
         group = rows[0].state.group
         lengths = [t.size for t in tokens]
-        ids = np.concatenate(tokens).astype(np.int32)
+        ids = np.concatenate(tokens).astype(self._token_dtype)
         self._begin(group.kv, tvm.runtime.ShapeTuple([group.seq(r.state.slot) for r in rows]),
                     tvm.runtime.ShapeTuple(lengths))
         try:
@@ -235,7 +236,7 @@ class TvmBackend:
 
     def embed(self, rows: Sequence[Row]) -> list[np.ndarray]:
         lengths = [len(r.tokens) for r in rows]
-        ids = np.concatenate([np.asarray(r.tokens, np.int64) for r in rows]).astype(np.int32)
+        ids = np.concatenate([np.asarray(r.tokens, np.int64) for r in rows]).astype(self._token_dtype)
         hidden = self._call("prologue", self._tensor(ids), self.params).numpy()
         return np.split(hidden, np.cumsum(lengths)[:-1])
 

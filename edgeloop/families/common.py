@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -60,24 +61,50 @@ def require(config: dict, *names: str, default=None):
     return default
 
 
+def _rope_dict(config: dict, key: str) -> dict:
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EdgeloopError(f"config.json: {key} must be an object, got {value!r}")
+    return dict(value)
+
+
 def rope_settings(config: dict) -> tuple[float, dict | None, float]:
-    """(theta, scaling, partial_rotary_factor) from old (rope_theta/rope_scaling) or new (rope_parameters) keys."""
-    params = dict(config.get("rope_parameters") or {})
-    legacy = dict(config.get("rope_scaling") or {})
-    merged = {**legacy, **params}
-    theta = float(merged.get("rope_theta", config.get("rope_theta", 10000.0)))
-    partial = float(merged.get("partial_rotary_factor", config.get("partial_rotary_factor", config.get("rotary_pct", 1.0))))
-    kind = merged.get("rope_type", merged.get("type", "default"))
-    if kind in (None, "default"):
-        return theta, None, partial
+    """(theta, scaling, partial_rotary_factor) from old (rope_theta/rope_scaling) and new (rope_parameters)
+    keys. A checkpoint edited to hold both, with different values, is refused rather than guessed at."""
+    params, legacy = _rope_dict(config, "rope_parameters"), _rope_dict(config, "rope_scaling")
+    thetas = [v for v in (params.get("rope_theta"), config.get("rope_theta")) if v is not None]
+    for value in thetas:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise EdgeloopError(f"config.json: rope_theta must be a finite number > 0, got {value!r}")
+    if len(set(map(float, thetas))) > 1:
+        raise EdgeloopError(f"config.json gives rope_theta twice with different values ({thetas[0]} in "
+                            f"rope_parameters, {thetas[1]} at the top level); keep one")
+    theta = float(thetas[0]) if thetas else 10000.0
+    kinds = {name: d.get("rope_type", d.get("type", "default")) or "default"
+             for name, d in (("rope_parameters", params), ("rope_scaling", legacy)) if d}
+    scaled = {name: kind for name, kind in kinds.items() if kind != "default"}
+    if len(scaled) > 1 and len(set(scaled.values())) > 1 or (scaled and len(kinds) > 1 and len(scaled) < len(kinds)):
+        raise EdgeloopError(f"config.json gives the rope scaling twice ({', '.join(f'{k}: {v}' for k, v in kinds.items())});"
+                            " keep one")
+    merged = {**legacy, **params} if not scaled or "rope_parameters" in scaled else {**params, **legacy}
+    partial = merged.get("partial_rotary_factor", config.get("partial_rotary_factor", config.get("rotary_pct", 1.0)))
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise EdgeloopError(f"config.json: partial_rotary_factor must be in (0, 1], got {partial!r}")
+    kind = next(iter(scaled.values()), "default")
+    if kind == "default":
+        return theta, None, float(partial)
     if kind == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         missing = [k for k in keys if k not in merged]
         if missing:
             raise EdgeloopError(f"llama3 rope scaling in config.json is missing {', '.join(missing)}")
-        return theta, {"type": "llama3", **{k: merged[k] for k in keys}}, partial
+        return theta, {"type": "llama3", **{k: merged[k] for k in keys}}, float(partial)
     if kind == "linear":
-        return theta, {"type": "linear", "factor": float(merged["factor"])}, partial
+        if "factor" not in merged:
+            raise EdgeloopError("linear rope scaling in config.json is missing factor")
+        return theta, {"type": "linear", "factor": merged["factor"]}, float(partial)
     raise EdgeloopError(f"unsupported rope scaling {kind!r} in config.json; edgeloop supports llama3 and linear")
 
 
