@@ -61,7 +61,7 @@ def _in_features(x: te.Tensor):
 
 def dense(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, *, out_features: int, t: int, rank: int = 0,
           seg_tiles: tuple[int, ...] = (0,), act: str | None = None, gated: bool = False, block: int = 0,
-          rows: int = 1):
+          rows: int = 1, split_gated: bool = False):
     """y = x W^T (+ bias[r]) (+ lora_t B[r]^T per member) (+ residual), then act / act(gate) * up.
 
     x [s, K]; w packed [O/T, K, T] (or a stack [R, O/T, K, T], e.g. LoRA A), or with w_scale the int4
@@ -69,39 +69,72 @@ def dense(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, *, out_featu
     lora_t [s, members*rank] is x A^T of the group; lora_b packed [R, O/T, rank, T]; seg_tiles:
     first tile of each member. rows: the schedule's register-tile height; the matmul and LoRA-B
     products are computed for s rounded up to it (the extra rows repeat the last and are dropped).
+
+    split_gated (GPU): the gate and up halves are separate blocks ("matmul", "lora_b", "epilogue"
+    and the same with "_up") over the same [s, F] domain as the output, so a GPU thread block
+    that owns outputs h..h+n computes exactly its gate and up rows. With one [s, 2F] block the
+    output h reads columns h and F + h, a region no tile schedule can split (dlight then ran the
+    whole kernel in one thread block).
     """
-    s, kdim, out = x.shape[0], _in_features(x), out_features
-    padded = -(-out // t) * t  # whole tiles: the matmul loops carry no tail predicate
-    sp = _padded_rows(s, rows)
-    xr = _row_reader(x, clamp=rows > 1)
-    lt_row = (lambda i: tirx.min(i, s - 1)) if rows > 1 else (lambda i: i)
-    k = te.reduce_axis((0, kdim), name="k")
-    if w_scale is None:
-        weight = lambda o, k: _packed(w, r, o, k, t)  # noqa: E731
-    else:
-        weight = lambda o, k: _int4(w, w_scale, w_zero, o, k, t, block)  # noqa: E731
-    y = te.compute((sp, padded), lambda i, o: te.sum(xr(i, k) * weight(o, k), axis=k), name="matmul")
-    terms = [lambda i, o: y[i, o]]
-    if bias is not None:
-        terms.append(lambda i, o: bias[r, o])
-    if lora_t is not None:
-        j = te.reduce_axis((0, rank), name="j")
-
-        def member(tile):  # which member of the group an output tile belongs to
-            return reduce(lambda acc, st: acc + tirx.if_then_else(tile >= st, 1, 0), seg_tiles[1:], tirx.const(0, "int64"))
-
-        lb = te.compute((sp, padded), lambda i, o: te.sum(
-            lora_t[lt_row(i), member(o // t) * rank + j] * lora_b[r, o // t, j, o % t], axis=j), name="lora_b")
-        terms.append(lambda i, o: lb[i, o])
-    if residual is not None:
-        terms.append(lambda i, o: residual[i, o])
-    z = te.compute((s, out), lambda i, o: reduce(lambda a, f: a + f(i, o), terms[1:], terms[0](i, o)), name="epilogue")
+    s, out = x.shape[0], out_features
+    if gated and split_gated:
+        f = out // 2
+        gate = _dense_part(x, w, w_scale, w_zero, bias, lora_t, lora_b, None, r, 0, f, "", t=t, rank=rank,
+                           seg_tiles=seg_tiles, block=block, rows=rows)
+        up = _dense_part(x, w, w_scale, w_zero, bias, lora_t, lora_b, None, r, f, f, "_up", t=t, rank=rank,
+                         seg_tiles=seg_tiles, block=block, rows=rows)
+        return te.compute((s, f), lambda i, h: ACT[act](gate[i, h]) * up[i, h], name="gated")
+    z = _dense_part(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, 0, out, "", t=t, rank=rank,
+                    seg_tiles=seg_tiles, block=block, rows=rows)
     if gated:
         f = out // 2
         return te.compute((s, f), lambda i, h: ACT[act](z[i, h]) * z[i, f + h], name="gated")
     if act:
         return te.compute((s, out), lambda i, h: ACT[act](z[i, h]), name="act")
     return z
+
+
+def _dense_part(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, lo: int, n: int, suffix: str, *,
+                t: int, rank: int, seg_tiles: tuple[int, ...], block: int, rows: int):
+    """Output columns [lo, lo + n) of `dense` before its activation: blocks matmul, lora_b, epilogue
+    (each name + suffix)."""
+    s, kdim = x.shape[0], _in_features(x)
+    padded = -(-n // t) * t  # whole tiles: the matmul loops carry no tail predicate
+    sp = _padded_rows(s, rows)
+    xr = _row_reader(x, clamp=rows > 1)
+    if rows > 1:  # x padded to sp rows as its own (inlined on CPU) block: a GPU schedule stages its tiles
+        xp = te.compute((sp, kdim), lambda i, k: xr(i, k), name="x_pad" + suffix)
+        xr = lambda i, k: xp[i, k]  # noqa: E731
+    lt_row = (lambda i: tirx.min(i, s - 1)) if rows > 1 else (lambda i: i)
+    col = (lambda o: o) if lo == 0 else (lambda o: o + lo)
+    k = te.reduce_axis((0, kdim), name="k")
+    if w_scale is None:
+        weight = lambda o, k: _packed(w, r, col(o), k, t)  # noqa: E731
+    else:
+        weight = lambda o, k: _int4(w, w_scale, w_zero, col(o), k, t, block)  # noqa: E731
+    y = te.compute((sp, padded), lambda i, o: te.sum(xr(i, k) * weight(o, k), axis=k), name="matmul" + suffix)
+    terms = [lambda i, o: y[i, o]]
+    if bias is not None:
+        terms.append(lambda i, o: bias[r, col(o)])
+    if lora_t is not None:
+        j = te.reduce_axis((0, rank), name="j")
+        inner = [st for st in seg_tiles[1:] if lo // t < st < (lo + n) // t]
+        if inner:  # the part spans several members: which one from the tile index
+            def member(tile):
+                return reduce(lambda acc, st: acc + tirx.if_then_else(tile >= st, 1, 0), seg_tiles[1:],
+                              tirx.const(0, "int64"))
+        else:  # one member (a split gate or up half, or a single-member group): a constant
+            first = sum(1 for st in seg_tiles[1:] if st <= lo // t)
+            member = lambda tile: first  # noqa: E731
+
+        lb = te.compute((sp, padded), lambda i, o: te.sum(
+            lora_t[lt_row(i), member(col(o) // t) * rank + j] * lora_b[r, col(o) // t, j, col(o) % t], axis=j),
+            name="lora_b" + suffix)
+        terms.append(lambda i, o: lb[i, o])
+    if residual is not None:
+        terms.append(lambda i, o: residual[i, o])
+    return te.compute((s, n), lambda i, o: reduce(lambda a, f: a + f(i, o), terms[1:], terms[0](i, o)),
+                      name="epilogue" + suffix)
 
 
 def norm(x, w, b, r, *, kind: str, eps: float, last_only: bool = False):
