@@ -36,6 +36,7 @@ class CompileOptions:
     optimize: bool = True  # apply portable ORT graph optimizations offline
     tune_trials: int = 0  # TVM: optional offline tuning
     debug_dump: bool = False  # write the graph after every pipeline step into debug/
+    arch: list[str] = field(default_factory=list)  # TVM CUDA: sm_XX device code is built for (default sm_80, sm_90)
 
     def validate(self) -> None:
         if self.backend not in TARGETS:
@@ -61,6 +62,9 @@ class CompileOptions:
             # gathers each depth's LoRA at run time, and the CUDA graph is float16.
             raise EdgeloopError("--lora-dtype int8 needs --backend onnxruntime --layout unrolled and a cpu or "
                                 "mobile target; use --lora-dtype float16 otherwise")
+
+        if self.arch and (self.backend, self.target) != ("tvm", "cuda"):
+            raise EdgeloopError("--arch selects CUDA architectures for --backend tvm --target cuda; drop it otherwise")
 
     @property
     def quantizes(self) -> bool:

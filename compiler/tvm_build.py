@@ -70,15 +70,36 @@ def write_device_sources(executable, out_dir: Path) -> list[str]:
     return written
 
 
+def export(executable, path: Path, p) -> dict | None:
+    """Write the library; CUDA: with a fatbin when nvcc is here (tvm_cuda), else with the CUDA source,
+    which the runtime compiles with NVRTC at load time. Returns the manifest's "cuda" section."""
+    if p.target.get("kind") != "cuda":
+        executable.export_library(str(path))
+        return None
+    from edgeloop.compiler import tvm_cuda
+
+    nvcc = tvm_cuda.find_nvcc()
+    if nvcc is None:
+        executable.export_library(str(path))
+        return {"archs": list(p.archs), "device_code": "source",
+                "note": "nvcc was not found at compile time: the CUDA source ships and is compiled with NVRTC "
+                        "when the artifact is loaded"}
+    entries = tvm_cuda.export_with_fatbin(executable, path, p.archs, nvcc)
+    return {"archs": sorted({e["arch"] for e in entries if e["kind"] == "elf"}, key=lambda a: int(a[3:])),
+            "ptx": sorted({e["arch"].replace("sm_", "compute_") for e in entries if e["kind"] == "ptx"}),
+            "device_code": "fatbin", "fatbin_entries": entries}
+
+
 def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
     import tvm
 
+    from edgeloop.compiler.tvm_gpu_check import launch_table
     from edgeloop.compiler.tvm_graph import GraphBuilder
     from edgeloop.compiler.tvm_params import build_params, int4_summary, tile_width
     from edgeloop.compiler.tvm_targets import plan, relax_pipeline
 
     check_options(options)
-    p = plan(options.target)
+    p = plan(options.target, options.arch)
     target = tvm.target.Target(p.target)
     context = max_context(model)
     tile = tile_width(model.spec, model.recursion, PREFERRED_TILE) if p.cpu else 1
@@ -86,7 +107,8 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
     params = build_params(model.spec, model.recursion, model.tensors, tile, context, int4)
 
     start = time.perf_counter()
-    graph = GraphBuilder(model.spec, model.recursion, params, tile=tile, target=target, cpu_schedules=p.cpu)
+    graph = GraphBuilder(model.spec, model.recursion, params, tile=tile, target=target, cpu_schedules=p.cpu,
+                         sm_count=p.sm_count)
     mod = graph.build()
     if p.cpu:  # the cache's scalar prefill attention -> our vectorized one (tvm_attention)
         from edgeloop.compiler.tvm_attention import install
@@ -96,14 +118,16 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
     if options.debug_dump:
         (out_dir / "debug").mkdir(exist_ok=True)
         (out_dir / "debug" / "relax.py").write_text(mod.script())
+    launches: dict = {}
     try:
-        executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(p, target))
+        executable = tvm.compile(mod, target=target,
+                                 relax_pipeline=relax_pipeline(p, target, lambda m: launches.update(launch_table(m))))
     except Exception as e:  # noqa: BLE001 - surface TVM's failure as one actionable line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
         raise EdgeloopError(f"TVM could not compile for --target {options.target}: {reason}; "
                             "try --target cpu or report the model config") from e
     compile_s = time.perf_counter() - start
-    executable.export_library(str(out_dir / p.library))
+    cuda = export(executable, out_dir / p.library, p)
     device_sources = write_device_sources(executable, out_dir)
     tvm.runtime.save_param_dict_to_file({n: tvm.runtime.tensor(a) for n, a in zip(params.names, params.arrays)},
                                         str(out_dir / PARAMS_FILE))
@@ -124,7 +148,9 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
             "target": p.target,
             "runs_on_host": p.runs_here,
         },
+        **({"cuda": cuda} if cuda else {}),
         "kernels": sorted(graph.kernels),
+        **({"kernels_launch": launches, "dense_kernels": graph.dense_kernels} if launches else {}),
         "quantization": int4_summary(params, int4) if int4 else None,
         "graph": {
             "stages": [{"blocks": list(s.blocks), "repeats": s.repeats, "function": f"stage{i}"}
