@@ -69,7 +69,8 @@ def compile_fatbin(source: str, archs: tuple[str, ...], nvcc: str) -> bytes:
 def fatbin_entries(data: bytes) -> list[dict]:
     """The entries of a fatbin: [{"kind": "elf" | "ptx", "arch": "sm_90", "bytes": n}], from its
     headers (a 16-byte file header, then per entry: kind u16, header size u32 at 4, payload size
-    u64 at 8, architecture u32 at 28)."""
+    u64 at 8, architecture u32 at 28). A cubin also gets "elf_arch", read from its ELF e_flags
+    (bits 8-15 in the CUDA 12+ ABI 0x41, bits 0-7 before)."""
     magic, _version, header, size = struct.unpack_from("<IHHQ", data, 0)
     if magic != FATBIN_MAGIC:
         raise EdgeloopError("not a CUDA fatbin (bad magic number)")
@@ -78,8 +79,13 @@ def fatbin_entries(data: bytes) -> list[dict]:
         kind, = struct.unpack_from("<H", data, pos)
         entry_header, payload = struct.unpack_from("<IQ", data, pos + 4)
         arch, = struct.unpack_from("<I", data, pos + 28)
-        entries.append({"kind": ENTRY_KINDS.get(kind, str(kind)), "arch": f"sm_{arch}", "bytes": payload})
-        pos += entry_header + payload
+        entry = {"kind": ENTRY_KINDS.get(kind, str(kind)), "arch": f"sm_{arch}", "bytes": payload}
+        body = pos + entry_header
+        if entry["kind"] == "elf" and data[body:body + 4] == b"\x7fELF":  # the cubin's own e_flags agree
+            flags, = struct.unpack_from("<I", data, body + 0x30)
+            entry["elf_arch"] = f"sm_{(flags >> 8) & 0xFF if data[body + 7] == 0x41 else flags & 0xFF}"
+        entries.append(entry)
+        pos = body + payload
     return entries
 
 
@@ -185,3 +191,54 @@ def export_with_fatbin(executable, path: Path, archs: tuple[str, ...], nvcc: str
 
     executable.export_library(str(path), fpack_imports=pack)
     return fatbin_entries(fatbin)
+
+
+def _elf_symbol_bytes(obj: bytes, name: str) -> bytes:
+    """The bytes from symbol `name` to the end of its section, in a little-endian ELF64 object."""
+    shoff, = struct.unpack_from("<Q", obj, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
+    for sec in sections:
+        if sec[1] != 2:  # SHT_SYMTAB: (name, type, flags, addr, offset, size, link, info, align, entsize)
+            continue
+        strtab = sections[sec[6]]
+        for off in range(sec[4], sec[4] + sec[5], 24):
+            st_name, _info, _other, shndx, value, _size = struct.unpack_from("<IBBHQQ", obj, off)
+            start = strtab[4] + st_name
+            if obj[start:obj.index(b"\0", start)] == name.encode():
+                target = sections[shndx]
+                return obj[target[4] + value:target[4] + target[5]]
+    raise EdgeloopError(f"{name} not found in the device-code object")
+
+
+def read_device_code(library: Path) -> dict:
+    """What a CUDA model.tar ships: {"format": "fatbin", "entries": [...]} or {"format": "cuda"} (source)."""
+    import tarfile
+
+    with tarfile.open(library) as tar:
+        name = next(m for m in tar.getnames() if m.endswith("devc.o"))
+        obj = tar.extractfile(name).read()
+    blob = _elf_symbol_bytes(obj, LIBRARY_SYMBOL)
+    size, = struct.unpack_from("<Q", blob, 0)
+    blob = blob[:8 + size]
+    pos = 8
+    for _ in range(2):
+        n, = struct.unpack_from("<Q", blob, pos)
+        pos += 8 + 8 * n
+    while pos < len(blob):
+        kind, pos = _read(blob, pos)
+        if kind == b"_lib":
+            continue
+        data, pos = _read(blob, pos)
+        if kind != b"cuda":
+            continue
+        fmt, _ = _read(data, 0)
+        if fmt != b"fatbin":
+            return {"format": fmt.decode()}
+        start = data.find(struct.pack("<I", FATBIN_MAGIC))  # the code: the entry's last field
+        while start >= 8 and struct.unpack_from("<Q", data, start - 8)[0] != len(data) - start:
+            start = data.find(struct.pack("<I", FATBIN_MAGIC), start + 1)
+        if start < 8:
+            raise EdgeloopError(f"{library}: the CUDA module says fatbin but holds none")
+        return {"format": "fatbin", "entries": fatbin_entries(data[start:])}
+    raise EdgeloopError(f"{library} has no CUDA module")

@@ -255,7 +255,7 @@ class GraphBuilder:
         """Emit one TE kernel as call_tir, scheduled right here: every kernel on CPU, the dense kernels
         on GPU (`gpu`: `schedule` is a GPU schedule); the rest are left to dlight's GPU rules."""
         func, call_args, out_ty = gen_call_tir_inputs(fn, *args, **kwargs)
-        if schedule is not None and (self.cpu or gpu):
+        if schedule is not None and (self.cpu or (gpu and self.sm_count)):  # sm_count 0: left unscheduled
             sch = s_tir.Schedule(func)
             schedule(sch)
             func = sch.mod["main"].with_attr("tirx.is_scheduled", True)

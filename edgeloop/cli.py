@@ -128,6 +128,8 @@ def compile_cmd(
     optimize: bool = typer.Option(True, help="apply portable ORT graph optimizations at compile time"),
     tune_trials: int = typer.Option(0, help="TVM: offline tuning trials (0 = tuning-free schedules)"),
     debug_dump: bool = typer.Option(False, help="write the graph after each pipeline step to debug/"),
+    arch: Optional[List[str]] = typer.Option(None, help="TVM CUDA: architecture(s) to build device code for, "
+                                                        "repeatable or comma-separated (default sm_80,sm_90)"),
     force: bool = typer.Option(False, "--force", help="replace an existing artifact"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
 ) -> None:
@@ -140,7 +142,7 @@ def compile_cmd(
                              keep_float=list(keep_float or []), lora_dtype=lora_dtype, scale_search=scale_search,
                              accuracy_level=accuracy_level,
                              calibration_text=str(calibration_text) if calibration_text else None, optimize=optimize,
-                             tune_trials=tune_trials, debug_dump=debug_dump)
+                             tune_trials=tune_trials, debug_dump=debug_dump, arch=list(arch or []))
     options.validate()
     if not as_json:
         err.print(f"[dim]compile {model_dir} -> {output}: {options}[/]")
@@ -148,7 +150,7 @@ def compile_cmd(
     summary = {"output": str(output), "backend": backend, "target": target, "layout": manifest.get("layout"),
                "bytes": sum(f["bytes"] for f in manifest["files"].values()),
                "graph": manifest.get("graph"), "quantization": manifest.get("quantization"),
-               "quality": manifest.get("quality")}
+               "quality": manifest.get("quality"), "cuda": manifest.get("cuda")}
     if as_json:
         out.print_json(json.dumps(summary, default=str))
         return
@@ -161,6 +163,10 @@ def compile_cmd(
     quality = manifest.get("quality")
     if quality:
         out.print("  quality vs fp32: " + ", ".join(f"{k} {v}" for k, v in quality.items()))
+    cuda = manifest.get("cuda")
+    if cuda:
+        out.print(f"  CUDA device code: {cuda['device_code']} for {', '.join(cuda['archs'])}"
+                  + (f" + PTX {', '.join(cuda['ptx'])}" if cuda.get("ptx") else ""))
 
 
 # ---------------------------------------------------------------------------------------------
