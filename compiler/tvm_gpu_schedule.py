@@ -104,10 +104,15 @@ def _gemv(sch: s_tir.Schedule, final: str, sm_count: int, int4: bool) -> None:
             lora = sch.get_sblock("lora_b" + sfx)
             sch.compute_at(lora, ty)
             sch.set_scope(lora, 0, "local")
-        for block in (total, rf2, rf):  # consumers first: each lands before its consumer under ty
-            sch.compute_at(block, ty)
-        # rf: lane-private partial sums of vec consecutive K elements, over the K steps
-        lane_v, ko = sch.get_loops(rf)[-2:]
+        # consumers first: each lands before its consumer under ty. rf and rf2 keep one loop per
+        # iterator, in iterator order: rf (lane*vec, i, o, k steps), rf2 (lane, i, o, vec), so steps
+        # or vec of extent 1 still have a loop; total keeps only its lane loop (a cross-lane
+        # reduction needs it innermost)
+        sch.compute_at(total, ty)
+        sch.compute_at(rf2, ty, preserve_unit_loops=True)
+        sch.compute_at(rf, ty, preserve_unit_loops=True)
+        lane_v, ko = sch.get_loops(rf)[-4], sch.get_loops(rf)[-1]
+        assert _extent(sch, lane_v) == WARP * vec, "unexpected loop order after rfactor / compute_at"
         lane, v = sch.split(lane_v, [WARP, vec])
         sch.reorder(lane, ko, v)
         sch.bind(lane, "threadIdx.x")
@@ -118,7 +123,7 @@ def _gemv(sch: s_tir.Schedule, final: str, sm_count: int, int4: bool) -> None:
         sch.set_scope(rf, 0, "local")
         sch.decompose_reduction(rf, ko)
         # rf2: each lane sums its vec partials; total: the lanes, with warp shuffles
-        sch.bind(sch.get_loops(rf2)[-2], "threadIdx.x")
+        sch.bind(sch.get_loops(rf2)[-4], "threadIdx.x")
         sch.set_scope(rf2, 0, "local")
         sch.bind(sch.get_loops(total)[-1], "threadIdx.x")
         sch.set_scope(total, 0, "local")
