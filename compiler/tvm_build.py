@@ -7,6 +7,8 @@ Pipeline (each step a small function, in order):
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -70,6 +72,25 @@ def write_device_sources(executable, out_dir: Path) -> list[str]:
     return written
 
 
+@contextlib.contextmanager
+def cuda_source_module(p):
+    """CUDA: keep the kernels as source in the built module even where a CUDA driver is installed
+    (TVM would otherwise compile them at once, for this machine's GPU only); `export` compiles them
+    for every --arch."""
+    if p.target.get("kind") != "cuda":
+        yield
+        return
+    old = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
+    os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TVM_COMPILE_FORCE_FALLBACK", None)
+        else:
+            os.environ["TVM_COMPILE_FORCE_FALLBACK"] = old
+
+
 def export(executable, path: Path, p) -> dict | None:
     """Write the library; CUDA: with a fatbin when nvcc is here (tvm_cuda), else with the CUDA source,
     which the runtime compiles with NVRTC at load time. Returns the manifest's "cuda" section."""
@@ -120,8 +141,9 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
         (out_dir / "debug" / "relax.py").write_text(mod.script())
     launches: dict = {}
     try:
-        executable = tvm.compile(mod, target=target,
-                                 relax_pipeline=relax_pipeline(p, target, lambda m: launches.update(launch_table(m))))
+        with cuda_source_module(p):
+            executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(
+                p, target, lambda m: launches.update(launch_table(m))))
     except Exception as e:  # noqa: BLE001 - surface TVM's failure as one actionable line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
         raise EdgeloopError(f"TVM could not compile for --target {options.target}: {reason}; "

@@ -122,7 +122,8 @@ def _with_fatbin(entry: bytes, source: bytes, fatbin: bytes) -> bytes:
     code_at = len(entry) - len(source) - 8
     if fmt != b"cuda" or code_at < pos or entry[code_at + 8:] != source \
             or struct.unpack_from("<Q", entry, code_at)[0] != len(source):
-        raise EdgeloopError("unexpected CUDA module layout in this TVM version; cannot ship compiled device code")
+        raise EdgeloopError(f"the built CUDA module holds {fmt.decode(errors='replace')!r}, not CUDA source (a TVM "
+                            "that ignores TVM_COMPILE_FORCE_FALLBACK?); cannot ship a fatbin for --arch")
     return _str(b"fatbin") + entry[pos:code_at] + _str(fatbin)
 
 

@@ -14,10 +14,10 @@ Decode (s = 1), a GEMV: the output columns are split over thread blocks, ``rows`
 warp each, threadIdx.y), chosen so that there are at least two blocks per SM when the columns
 allow it. The warp splits K: each lane accumulates ``vec`` consecutive elements per step (one
 128-bit load of fp32 weights, 32 bits of int4 codes), the lanes are reduced with warp shuffles
-(rfactor + cross-thread reduction), then the lane that holds the sum adds the LoRA-B product
-(rank multiply-adds), bias and residual and applies the activation.
+(rfactor + cross-thread reduction); then every lane adds the LoRA-B product (rank multiply-adds
+on broadcast reads), bias and residual and applies the activation, and lane 0 stores.
 
-Prefill (symbolic s), a GEMM: output tiles of ``TILE_M x TILE_N`` per thread block, ``MI x NI``
+Prefill (symbolic s), a GEMM: output tiles of ``TY*MI x TX*NI`` per thread block, ``MI x NI``
 accumulators per thread in registers; x and W tiles of ``TILE_K`` stream through shared memory;
 the LoRA-B product and the epilogue are computed per thread on its own outputs.
 """
@@ -87,7 +87,7 @@ def schedule_dense(sch: s_tir.Schedule, *, decode: bool, sm_count: int, int4: bo
     if decode:
         _gemv(sch, final, sm_count, int4)
     else:
-        _gemm(sch, final, int4)
+        _gemm(sch, final)
 
 
 def _gemv(sch: s_tir.Schedule, final: str, sm_count: int, int4: bool) -> None:
@@ -142,7 +142,7 @@ def _split_k(sch: s_tir.Schedule, name: str, int4: bool):
     return rf, rf2, block, vec
 
 
-def _gemm(sch: s_tir.Schedule, final: str, int4: bool) -> None:
+def _gemm(sch: s_tir.Schedule, final: str) -> None:
     out = sch.get_sblock(final)
     i, h = sch.get_loops(out)
     by, ty, mi = sch.split(i, [None, TY, MI])

@@ -134,3 +134,10 @@ def test_gpu_graph_matches_reference_on_cpu(converted, tmp_path, monkeypatch):
     for tok in ids[:3]:
         one = np.array([tok])
         np.testing.assert_allclose(art.backend.step(ts, one), ref.backend.step(rs, one), atol=1e-4, rtol=0)
+
+
+def test_vanilla_checkpoint_compiles_for_cuda(hf_checkpoint, tmp_path, monkeypatch):
+    """B = 1 without LoRA: dlight's GEMV rule used to assert on its dense kernels (is_broadcast_epilogue)."""
+    monkeypatch.setattr(tvm_cuda, "find_nvcc", lambda: None)  # the schedules are what is tested here
+    manifest = compile_model(hf_checkpoint("llama"), tmp_path / "a", backend="tvm", target="cuda")
+    assert underspread(manifest["kernels_launch"], manifest["dense_kernels"], H200_SMS) == []
