@@ -125,7 +125,7 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
     context = max_context(model)
     tile = tile_width(model.spec, model.recursion, PREFERRED_TILE) if p.cpu else 1
     int4 = int4_config(options)
-    params = build_params(model.spec, model.recursion, model.tensors, tile, context, int4)
+    params = build_params(model.spec, model.recursion, model.tensors, tile, context, int4, options.dtype)
 
     start = time.perf_counter()
     graph = GraphBuilder(model.spec, model.recursion, params, tile=tile, target=target, cpu_schedules=p.cpu,
@@ -163,6 +163,7 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> dict:
             "params": PARAMS_FILE,
             "param_names": params.names,
             "token_dtype": "int32",
+            "dtype": options.dtype,
             "entry": {"create_kv_cache": "create_kv_cache", "prefill": "prefill", "prefill_all": "prefill_all",
                       "decode": "decode"},
             "kv_cache": {"kind": "tir_paged", "layers": model.recursion.num_depths, "page_size": PAGE_SIZE,

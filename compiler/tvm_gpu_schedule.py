@@ -57,10 +57,11 @@ def decode_rows(columns: int, sm_count: int) -> int:
     return 1
 
 
-def _vector(kdim: int, int4: bool) -> int:
-    """K elements a lane reads per step: 128 bits of fp32 (4), 32 bits of int4 codes (8); smaller
-    when K is not a multiple of the warp's step (then a tail predicate is still needed)."""
-    v = 8 if int4 else 4
+def _vector(kdim: int, weight_dtype: str) -> int:
+    """K elements a lane reads per step: 4 floats (a 128-bit load in fp32, 64-bit in fp16: TVM 0.27's
+    CUDA codegen cannot declare the float32x8 accumulators of 8 halves), 8 int4 codes (32 bits);
+    smaller when K is not a multiple of the warp's step (then a tail predicate is needed)."""
+    v = 8 if weight_dtype == "uint8" else 4
     while v > 1 and kdim % (WARP * v):
         v //= 2
     return v
@@ -72,7 +73,7 @@ def _parts(sch: s_tir.Schedule) -> list[str]:
 
 def _final(sch: s_tir.Schedule) -> str:
     """Inline the epilogues into the activation (if any): the output block is what the schedule tiles."""
-    final = next((n for n in ("gated", "act") if _has_block(sch, n)), None)
+    final = next((n for n in ("gated", "act", "cast") if _has_block(sch, n)), None)
     if final is None:
         return "epilogue"
     for sfx in _parts(sch):
@@ -134,7 +135,7 @@ def _split_k(sch: s_tir.Schedule, name: str, int4: bool):
     block reduces the WARP lanes. Done before compute_at (rfactor needs the block's own loops)."""
     block = sch.get_sblock(name)
     k = sch.get_loops(block)[-1]
-    vec = _vector(_extent(sch, k), int4)
+    vec = _vector(_extent(sch, k), str(sch.get(block).reads[1].source.dtype))  # reads: x, then the weight
     _, lane, v = sch.split(k, [None, WARP, vec])
     rf = sch.rfactor(sch.fuse(lane, v), 0)
     lane, _ = sch.split(sch.get_loops(block)[-1], [WARP, vec])

@@ -50,6 +50,7 @@ class GraphBuilder:
                  target: tvm.target.Target, cpu_schedules: bool, sm_count: int = 0):
         self.spec, self.recursion, self.params = spec, recursion, params
         self.t, self.target, self.cpu = tile, target, cpu_schedules
+        self.dtype = params.float_dtype  # activations and KV cache (float32, or float16 on GPUs)
         self.sm_count = sm_count  # GPU: multiprocessors the decode GEMVs spread over (tvm_gpu_schedule)
         self.dense_kernels: dict[str, dict] = {}  # kernel -> output columns, K, s == 1 (launch checks)
         self._last_kernel = ""
@@ -88,7 +89,7 @@ class GraphBuilder:
                 mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
                 rope_mode=RopeMode.NONE,  # RoPE is ours (tables shared with the reference)
                 rope_scale=1, rope_theta=int(s.rope_theta), rope_scaling={}, rope_ext_factors=relax.prim_value(0),
-                rotary_dim=s.rotary_dim, enable_disaggregation=False, dtype="float32", target=self.target)
+                rotary_dim=s.rotary_dim, enable_disaggregation=False, dtype=self.dtype, target=self.target)
             self.bb.emit_func_output(self.bb.emit(cache._expr))
 
     def _emit_entry(self, mode: str, stages: list[relax.GlobalVar]) -> None:
@@ -142,7 +143,7 @@ class GraphBuilder:
     def _stage_signature(self, mode: str):
         seq = 1 if mode == "decode" else tirx.Var("s", "int64")
         n = tirx.Var("n", "int64")
-        x = relax.Var("x", relax.TensorType([seq, self.spec.hidden_size], "float32"))
+        x = relax.Var("x", relax.TensorType([seq, self.spec.hidden_size], self.dtype))
         kv = relax.Var("kv", relax.ObjectType())
         pos = relax.Var("pos", relax.TensorType([seq], "int32"))
         params = relax.Var("params", self._params_type())
@@ -178,7 +179,7 @@ class GraphBuilder:
         out = self.bb.emit(relax.call_dps_packed(
             "vm.builtin.attention_kv_cache_attention_with_fused_qkv",
             [scope.kv, relax.prim_value(layer_id), relax.prim_value(1.0 / math.sqrt(s.head_dim)), qkv],
-            out_ty=relax.TensorType([seq, s.num_heads, s.head_dim], "float32")))
+            out_ty=relax.TensorType([seq, s.num_heads, s.head_dim], self.dtype)))
         self.kernels["paged_attention"] = self.kernels.get("paged_attention", 0) + 1
         if not self.cpu:  # [s, heads * d] (a view): the GPU schedules read K contiguously
             out = self.bb.emit(relax.op.reshape(out, [seq, s.num_heads * s.head_dim]))

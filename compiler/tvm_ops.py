@@ -5,6 +5,9 @@ Each op is a plain TE function over the packed layouts of `tvm_params` (a matrix
 ``r``, a PrimExpr that is the loop counter inside a looped stage). Fusion is decided here,
 not by a pass: a linear carries its bias, its LoRA-B product, the residual add and (gate/up)
 the activation in one kernel. `tvm_schedule` gives each kernel its CPU schedule.
+
+Storage and activations are float32 or float16 (`--dtype float16`, GPU targets); sums, norms,
+RoPE and activations are always computed in float32 (`_f32`) and the output is cast back.
 """
 
 from __future__ import annotations
@@ -21,6 +24,19 @@ ACT = {
 }
 
 
+F32 = "float32"
+
+
+def _f32(e):
+    """e in float32 (unchanged if it is already: the float32 kernels stay exactly as they were)."""
+    dtype = getattr(e, "dtype", None)  # a tensor element; other expressions carry a type instead
+    return e if str(dtype if dtype is not None else e.ty) == F32 else e.astype(F32)
+
+
+def _out(e, dtype: str):
+    return e if dtype == F32 else e.astype(dtype)
+
+
 def _packed(w: te.Tensor, r, o, k, t: int):
     """Element (o, k) of a packed matrix [O/T, K, T], or of repeat r of a stack [R, O/T, K, T]."""
     if len(w.shape) == 3:
@@ -35,7 +51,7 @@ def _int4(codes: te.Tensor, scales: te.Tensor, zeros, o, k, t: int, block: int):
     byte = codes[o // t, k // 2, o % t].astype("int32")
     code = ((byte >> ((k % 2) * 4).astype("int32")) & 15).astype("float32")
     zero = zeros[o // t, k // block, o % t] if zeros is not None else tirx.const(8.0, "float32")
-    return (code - zero) * scales[o // t, k // block, o % t]
+    return (code - _f32(zero)) * _f32(scales[o // t, k // block, o % t])
 
 
 def _row_reader(x: te.Tensor, clamp: bool = False):
@@ -83,14 +99,16 @@ def dense(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, *, out_featu
                            seg_tiles=seg_tiles, block=block, rows=rows)
         up = _dense_part(x, w, w_scale, w_zero, bias, lora_t, lora_b, None, r, f, f, "_up", t=t, rank=rank,
                          seg_tiles=seg_tiles, block=block, rows=rows)
-        return te.compute((s, f), lambda i, h: ACT[act](gate[i, h]) * up[i, h], name="gated")
+        return te.compute((s, f), lambda i, h: _out(ACT[act](gate[i, h]) * up[i, h], x.dtype), name="gated")
     z = _dense_part(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, 0, out, "", t=t, rank=rank,
                     seg_tiles=seg_tiles, block=block, rows=rows)
     if gated:
         f = out // 2
-        return te.compute((s, f), lambda i, h: ACT[act](z[i, h]) * z[i, f + h], name="gated")
+        return te.compute((s, f), lambda i, h: _out(ACT[act](z[i, h]) * z[i, f + h], x.dtype), name="gated")
     if act:
-        return te.compute((s, out), lambda i, h: ACT[act](z[i, h]), name="act")
+        return te.compute((s, out), lambda i, h: _out(ACT[act](z[i, h]), x.dtype), name="act")
+    if x.dtype != F32:  # the epilogue sums in float32
+        return te.compute((s, out), lambda i, h: z[i, h].astype(x.dtype), name="cast")
     return z
 
 
@@ -112,10 +130,11 @@ def _dense_part(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, lo: in
         weight = lambda o, k: _packed(w, r, col(o), k, t)  # noqa: E731
     else:
         weight = lambda o, k: _int4(w, w_scale, w_zero, col(o), k, t, block)  # noqa: E731
-    y = te.compute((sp, padded), lambda i, o: te.sum(xr(i, k) * weight(o, k), axis=k), name="matmul" + suffix)
+    y = te.compute((sp, padded), lambda i, o: te.sum(_f32(xr(i, k)) * _f32(weight(o, k)), axis=k),
+                   name="matmul" + suffix)
     terms = [lambda i, o: y[i, o]]
     if bias is not None:
-        terms.append(lambda i, o: bias[r, col(o)])
+        terms.append(lambda i, o: _f32(bias[r, col(o)]))
     if lora_t is not None:
         j = te.reduce_axis((0, rank), name="j")
         inner = [st for st in seg_tiles[1:] if lo // t < st < (lo + n) // t]
@@ -128,11 +147,12 @@ def _dense_part(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, lo: in
             member = lambda tile: first  # noqa: E731
 
         lb = te.compute((sp, padded), lambda i, o: te.sum(
-            lora_t[lt_row(i), member(col(o) // t) * rank + j] * lora_b[r, col(o) // t, j, col(o) % t], axis=j),
+            _f32(lora_t[lt_row(i), member(col(o) // t) * rank + j]) * _f32(lora_b[r, col(o) // t, j, col(o) % t]),
+            axis=j),
             name="lora_b" + suffix)
         terms.append(lambda i, o: lb[i, o])
     if residual is not None:
-        terms.append(lambda i, o: residual[i, o])
+        terms.append(lambda i, o: _f32(residual[i, o]))
     return te.compute((s, n), lambda i, o: reduce(lambda a, f: a + f(i, o), terms[1:], terms[0](i, o)),
                       name="epilogue" + suffix)
 
@@ -143,17 +163,18 @@ def norm(x, w, b, r, *, kind: str, eps: float, last_only: bool = False):
     rows = 1 if last_only else s
 
     def xr(i, c):
-        return x[s - 1, c] if last_only else x[i, c]
+        return _f32(x[s - 1, c] if last_only else x[i, c])
 
     k = te.reduce_axis((0, h), name="k")
     if kind == "rms":
         ss = te.compute((rows,), lambda i: te.sum(xr(i, k) * xr(i, k), axis=k), name="sumsq")
-        return te.compute((rows, h), lambda i, c: xr(i, c) * tirx.rsqrt(ss[i] / h + eps) * w[r, c], name="norm")
+        return te.compute((rows, h), lambda i, c: _out(xr(i, c) * tirx.rsqrt(ss[i] / h + eps) * _f32(w[r, c]), x.dtype),
+                          name="norm")
     mean = te.compute((rows,), lambda i: te.sum(xr(i, k), axis=k), name="sum")
     k2 = te.reduce_axis((0, h), name="k2")
     var = te.compute((rows,), lambda i: te.sum((xr(i, k2) - mean[i] / h) * (xr(i, k2) - mean[i] / h), axis=k2), name="sumsq")
-    return te.compute((rows, h), lambda i, c: (xr(i, c) - mean[i] / h) * tirx.rsqrt(var[i] / h + eps) * w[r, c]
-                      + b[r, c], name="norm")
+    return te.compute((rows, h), lambda i, c: _out((xr(i, c) - mean[i] / h) * tirx.rsqrt(var[i] / h + eps)
+                                                   * _f32(w[r, c]) + _f32(b[r, c]), x.dtype), name="norm")
 
 
 def qk_rope(qkv, cos, sin, pos, q_norm, k_norm, r, *, heads: int, kv_heads: int, head_dim: int,
@@ -165,11 +186,11 @@ def qk_rope(qkv, cos, sin, pos, q_norm, k_norm, r, *, heads: int, kv_heads: int,
     """
     s, d, rot_heads = qkv.shape[0], head_dim, heads + kv_heads
     half = rotary_dim // 2
-    src = lambda i, h, c: qkv[i, h * d + c]  # noqa: E731
+    src = lambda i, h, c: _f32(qkv[i, h * d + c])  # noqa: E731
     if q_norm is not None:
         k = te.reduce_axis((0, d), name="k")
         ss = te.compute((s, rot_heads), lambda i, h: te.sum(src(i, h, k) * src(i, h, k), axis=k), name="sumsq")
-        weight = lambda h, c: tirx.if_then_else(h < heads, q_norm[r, c], k_norm[r, c])  # noqa: E731
+        weight = lambda h, c: tirx.if_then_else(h < heads, _f32(q_norm[r, c]), _f32(k_norm[r, c]))  # noqa: E731
         xn = te.compute((s, rot_heads, d), lambda i, h, c: src(i, h, c) * tirx.rsqrt(ss[i, h] / d + eps) * weight(h, c),
                         name="qk_norm")
         normed = lambda i, h, c: xn[i, h, c]  # noqa: E731
@@ -179,11 +200,11 @@ def qk_rope(qkv, cos, sin, pos, q_norm, k_norm, r, *, heads: int, kv_heads: int,
     def rotated(i, h, c):
         p = pos[i]
         partner = tirx.if_then_else(c < half, -normed(i, h, c + half), normed(i, h, c - half))
-        return normed(i, h, c) * cos[p, c] + partner * sin[p, c]
+        return normed(i, h, c) * _f32(cos[p, c]) + partner * _f32(sin[p, c])
 
     def out(i, h, c):
         rope = tirx.if_then_else(c < rotary_dim, rotated(i, h, tirx.min(c, rotary_dim - 1)), normed(i, h, c))
-        return tirx.if_then_else(h < rot_heads, rope, src(i, h, c))
+        return _out(tirx.if_then_else(h < rot_heads, rope, src(i, h, c)), qkv.dtype)
 
     return te.compute((s, heads + 2 * kv_heads, d), out, name="rope")
 
@@ -192,5 +213,7 @@ def embed(ids, table, *, hidden: int, scale: float, t: int = 0):
     """Rows of the embedding [s, H]; t > 0: gathered from the packed (tied) LM head [V/T, H, T]."""
     s = ids.shape[0]
     if t:
-        return te.compute((s, hidden), lambda i, c: table[ids[i] // t, c, ids[i] % t] * scale, name="embed")
-    return te.compute((s, hidden), lambda i, c: table[ids[i], c] * scale, name="embed")
+        row = lambda i, c: table[ids[i] // t, c, ids[i] % t]  # noqa: E731
+    else:
+        row = lambda i, c: table[ids[i], c]  # noqa: E731
+    return te.compute((s, hidden), lambda i, c: _out(_f32(row(i, c)) * scale, table.dtype), name="embed")

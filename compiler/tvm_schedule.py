@@ -91,7 +91,7 @@ def schedule_dense(sch: s_tir.Schedule, *, t: int, rows: int, decode: bool, work
     tile_reduction(sch, "matmul", t, rows, parallel, k_pairs=int4)
     if _has_block(sch, "lora_b"):
         tile_reduction(sch, "lora_b", t, rows, False)
-    final = next((n for n in ("gated", "act") if _has_block(sch, n)), "epilogue")
+    final = next((n for n in ("gated", "act", "cast") if _has_block(sch, n)), "epilogue")
     if final != "epilogue":
         sch.compute_inline(sch.get_sblock("epilogue"))
     elementwise(sch, final, not decode)

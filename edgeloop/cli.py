@@ -130,6 +130,8 @@ def compile_cmd(
     debug_dump: bool = typer.Option(False, help="write the graph after each pipeline step to debug/"),
     arch: Optional[List[str]] = typer.Option(None, help="TVM CUDA: architecture(s) to build device code for, "
                                                         "repeatable or comma-separated (default sm_80,sm_90)"),
+    dtype: str = typer.Option("float32", help="TVM CUDA: float32 | float16 (weights, activations, KV cache; "
+                                              "float32 accumulation)"),
     force: bool = typer.Option(False, "--force", help="replace an existing artifact"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
 ) -> None:
@@ -142,7 +144,8 @@ def compile_cmd(
                              keep_float=list(keep_float or []), lora_dtype=lora_dtype, scale_search=scale_search,
                              accuracy_level=accuracy_level,
                              calibration_text=str(calibration_text) if calibration_text else None, optimize=optimize,
-                             tune_trials=tune_trials, debug_dump=debug_dump, arch=list(arch or []))
+                             tune_trials=tune_trials, debug_dump=debug_dump, arch=list(arch or []),
+                             dtype=dtype)
     options.validate()
     if not as_json:
         err.print(f"[dim]compile {model_dir} -> {output}: {options}[/]")

@@ -8,7 +8,11 @@
   output reshaped) matches the PyTorch reference when compiled unscheduled for the CPU, so only
   the schedules themselves (semantics-preserving TVM primitives) are left unexecuted here.
 
-Compiles: the hidden-256 model for CUDA twice (fatbin, source) and a tiny model for the CPU.
+- `--dtype float16` (and with int4) compiles for CUDA, and its graph matches the reference on CPU
+  within float16 precision.
+
+Compiles: the hidden-256 model for CUDA three times (fatbin, source, float16 int4), a vanilla tiny
+model for CUDA and a tiny model twice for the CPU (float32, float16).
 """
 
 from __future__ import annotations
@@ -117,23 +121,49 @@ def test_arch_flag_parsing():
     assert tvm_cuda.gencode_flags(("sm_80", "sm_90"))[-1] == "arch=compute_90,code=compute_90"
 
 
-def test_gpu_graph_matches_reference_on_cpu(converted, tmp_path, monkeypatch):
-    """The GPU kernels' TE (split gate/up, rows padded to the GEMM tile, 2-D attention output) built
-    without GPU schedules for the host CPU, against the PyTorch reference."""
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 3e-2)])
+def test_gpu_graph_matches_reference_on_cpu(dtype, tol, converted, tmp_path, monkeypatch):
+    """The GPU kernels' TE (split gate/up, rows padded to the GEMM tile, 2-D attention output; float16
+    storage with float32 sums) built without GPU schedules for the host CPU, against the reference."""
     from edgeloop.compiler import tvm_targets
 
     cpu = tvm_targets.plan("cpu")
     gpu_graph_on_cpu = tvm_targets.TargetPlan("cpu", cpu.target, cpu.library, cpu=False, runs_here=True)
     monkeypatch.setattr(tvm_targets, "plan", lambda name, archs=None: gpu_graph_on_cpu)
     model_dir = converted("llama", loops=2, lora_rank=8)
-    assert compile_model(model_dir, tmp_path / "a", backend="tvm")["graph"]["tile"] == 1  # the GPU layout
+    manifest = compile_model(model_dir, tmp_path / "a", backend="tvm", target="cuda", dtype=dtype)
+    assert manifest["graph"]["tile"] == 1 and manifest["io"]["dtype"] == dtype  # the GPU layout
     ref, art = edgeloop.load(model_dir), edgeloop.load(tmp_path / "a")
     ids = np.random.default_rng(0).integers(3, ref.backend.vocab_size, 40)  # 40: two 32-row tiles, one partial
-    np.testing.assert_allclose(art.logits(ids), ref.logits(ids), atol=1e-4, rtol=0)
+    logits, expected = art.logits(ids), ref.logits(ids)
+    np.testing.assert_allclose(logits, expected, atol=tol, rtol=0)
+    assert (logits.argmax(-1) == expected.argmax(-1)).all()
     rs, ts = ref.backend.new_state(), art.backend.new_state()
     for tok in ids[:3]:
         one = np.array([tok])
-        np.testing.assert_allclose(art.backend.step(ts, one), ref.backend.step(rs, one), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(art.backend.step(ts, one), ref.backend.step(rs, one), atol=tol, rtol=0)
+
+
+def test_float16_int4_compiles_for_cuda(model256, tmp_path):
+    """--dtype float16 with int4 weights: float16 activations, LoRA and KV cache, float32 sums; the CUDA
+    source compiles with nvcc (sm_80) when it is installed."""
+    import tvm
+
+    manifest = compile_model(model256, tmp_path / "a", backend="tvm", target="cuda", dtype="float16", quant="int4",
+                             arch=["sm_80"])
+    assert manifest["io"]["dtype"] == "float16" and "float16 activations" in manifest["quantization"]["compute"]
+    assert underspread(manifest["kernels_launch"], manifest["dense_kernels"], H200_SMS) == []
+    params = tvm.runtime.load_param_dict_from_file(str(tmp_path / "a" / "params.bin"))
+    assert params["blocks.0.qkv.Wq"].dtype == "uint8" and params["blocks.0.qkv.Ws"].dtype == "float16"
+    assert params["blocks.0.qkv.A"].dtype == "float16" and params["rope.cos"].dtype == "float32"
+    assert "half" in (tmp_path / "a" / "model.cu").read_text()
+    if tvm_cuda.find_nvcc():
+        assert manifest["cuda"]["device_code"] == "fatbin" and manifest["cuda"]["archs"] == ["sm_80"]
+
+
+def test_float16_is_for_tvm_cuda(converted, tmp_path):
+    with pytest.raises(EdgeloopError, match="float16"):
+        compile_model(converted("llama", loops=2, lora_rank=8), tmp_path / "a", backend="tvm", dtype="float16")
 
 
 def test_vanilla_checkpoint_compiles_for_cuda(hf_checkpoint, tmp_path, monkeypatch):
