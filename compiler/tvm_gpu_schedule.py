@@ -93,7 +93,7 @@ def schedule_dense(sch: s_tir.Schedule, *, decode: bool, sm_count: int, int4: bo
 
 def _gemv(sch: s_tir.Schedule, final: str, sm_count: int, int4: bool) -> None:
     parts = _parts(sch)
-    chains = [_split_k(sch, "matmul" + sfx, int4) for sfx in parts]
+    chains = [_split_k(sch, "matmul" + sfx) for sfx in parts]
     out = sch.get_sblock(final)
     _, h = sch.get_loops(out)
     rows = decode_rows(_extent(sch, h), sm_count)
@@ -120,7 +120,7 @@ def _gemv(sch: s_tir.Schedule, final: str, sm_count: int, int4: bool) -> None:
         if int4:
             sch.unroll(v)  # nibble pairs of 4 code bytes: constant shifts
         else:
-            sch.vectorize(v)  # one 128-bit load of weights and of x per step
+            sch.vectorize(v)  # one vector load of 4 weights and of 4 x per step (128 bits in fp32)
         sch.set_scope(rf, 0, "local")
         sch.decompose_reduction(rf, ko)
         # rf2: each lane sums its vec partials; total: the lanes, with warp shuffles
@@ -130,7 +130,7 @@ def _gemv(sch: s_tir.Schedule, final: str, sm_count: int, int4: bool) -> None:
         sch.set_scope(total, 0, "local")
 
 
-def _split_k(sch: s_tir.Schedule, name: str, int4: bool):
+def _split_k(sch: s_tir.Schedule, name: str):
     """rfactor the matmul block (i, o, k) twice: (lane, vec) partials, then per-lane sums, then the
     block reduces the WARP lanes. Done before compute_at (rfactor needs the block's own loops)."""
     block = sch.get_sblock(name)
@@ -170,8 +170,8 @@ def _gemm(sch: s_tir.Schedule, final: str) -> None:
         sch.set_scope(x_tile, 0, "shared")
         for cache in (x_tile, sch.cache_read(block, 1, "shared", consumer_blocks=[block])):
             sch.compute_at(cache, ko)
-            # rows padded to TILE_K + 1 words: the 16 lanes of a half-warp read rows NI (or MI) apart,
-            # which with an unpadded row of 16 words all hit one bank
+            # rows padded to TILE_K + 1 words: the lanes of a warp read rows NI (or MI) apart, which
+            # with unpadded rows of 16 words land in the same banks
             sch.storage_align(cache, 0, axis=0, factor=TILE_K, offset=1)
             fused = sch.fuse(*sch.get_loops(cache)[depth:])
             _, cy, cx = sch.split(fused, [None, TY, TX])
