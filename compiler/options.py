@@ -36,6 +36,8 @@ class CompileOptions:
     optimize: bool = True  # apply portable ORT graph optimizations offline
     tune_trials: int = 0  # TVM: optional offline tuning
     debug_dump: str | None = None  # a directory: the graph after every pipeline pass (outside the artifact)
+    arch: list[str] = field(default_factory=list)  # TVM CUDA: sm_XX device code is built for (default sm_80, sm_90)
+    dtype: str = "float32"  # TVM CUDA: float16 weights, activations and KV cache (float32 accumulation)
 
     def validate(self) -> None:
         for name in ("block_size", "accuracy_level", "tune_trials"):
@@ -65,6 +67,14 @@ class CompileOptions:
             # gathers each depth's LoRA at run time, and the CUDA graph is float16.
             raise EdgeloopError("--lora-dtype int8 needs --backend onnxruntime --layout unrolled and a cpu or "
                                 "mobile target; use --lora-dtype float16 otherwise")
+
+        if self.dtype not in ("float32", "float16"):
+            raise EdgeloopError(f"--dtype must be float32 or float16, got {self.dtype}")
+        if self.dtype == "float16" and (self.backend, self.target) != ("tvm", "cuda"):
+            raise EdgeloopError("--dtype float16 is for --backend tvm --target cuda (ONNX Runtime's cuda target is "
+                                "float16 already; CPU artifacts stay float32)")
+        if self.arch and (self.backend, self.target) != ("tvm", "cuda"):
+            raise EdgeloopError("--arch selects CUDA architectures for --backend tvm --target cuda; drop it otherwise")
 
     @property
     def quantizes(self) -> bool:

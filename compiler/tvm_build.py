@@ -7,6 +7,8 @@ Pipeline (each step a small function, in order):
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from edgeloop.compiler.artifact import BackendResult, loop_state
 from edgeloop.compiler.loading import CompileInput
 from edgeloop.compiler.options import CompileOptions
 from edgeloop.errors import EdgeloopError
-from edgeloop.runtimes.contract import KVLayout, TvmSection
+from edgeloop.runtimes.contract import CudaCode, KVLayout, TvmSection
 
 PARAMS_FILE = "params.bin"
 PAGE_SIZE = 16
@@ -72,23 +74,64 @@ def write_device_sources(executable, out_dir: Path) -> list[str]:
     return written
 
 
+@contextlib.contextmanager
+def cuda_source_module(p):
+    """CUDA: keep the kernels as source in the built module even where a CUDA driver is installed
+    (TVM would otherwise compile them at once, for this machine's GPU only); `export` compiles them
+    for every --arch."""
+    if p.target.get("kind") != "cuda":
+        yield
+        return
+    old = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
+    os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TVM_COMPILE_FORCE_FALLBACK", None)
+        else:
+            os.environ["TVM_COMPILE_FORCE_FALLBACK"] = old
+
+
+def export(executable, path: Path, p) -> dict | None:
+    """Write the library; CUDA: with a fatbin when nvcc is here (tvm_cuda), else with the CUDA source,
+    which the runtime compiles with NVRTC at load time. Returns the manifest's "cuda" section."""
+    if p.target.get("kind") != "cuda":
+        executable.export_library(str(path))
+        return None
+    from edgeloop.compiler import tvm_cuda
+
+    nvcc = tvm_cuda.find_nvcc()
+    if nvcc is None:
+        executable.export_library(str(path))
+        return {"archs": list(p.archs), "device_code": "source",
+                "note": "nvcc was not found at compile time: the CUDA source ships and is compiled with NVRTC "
+                        "when the artifact is loaded"}
+    entries = tvm_cuda.export_with_fatbin(executable, path, p.archs, nvcc)
+    return {"archs": sorted({e["arch"] for e in entries if e["kind"] == "elf"}, key=lambda a: int(a[3:])),
+            "ptx": sorted({e["arch"].replace("sm_", "compute_") for e in entries if e["kind"] == "ptx"}),
+            "device_code": "fatbin", "fatbin_entries": entries}
+
+
 def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> BackendResult:
     import tvm
 
+    from edgeloop.compiler.tvm_gpu_check import launch_table
     from edgeloop.compiler.tvm_graph import GraphBuilder
     from edgeloop.compiler.tvm_params import build_params, int4_summary, tile_width
     from edgeloop.compiler.tvm_targets import plan, relax_pipeline
 
     check_options(options)
-    p = plan(options.target)
+    p = plan(options.target, options.arch)
     target = tvm.target.Target(p.target)
     context = max_context(model)
     tile = tile_width(model.spec, model.recursion, PREFERRED_TILE) if p.cpu else 1
     int4 = int4_config(options)
-    params = build_params(model.spec, model.recursion, model.tensors, tile, context, int4)
+    params = build_params(model.spec, model.recursion, model.tensors, tile, context, int4, options.dtype)
 
     start = time.perf_counter()
-    graph = GraphBuilder(model.spec, model.recursion, params, tile=tile, target=target, cpu_schedules=p.cpu)
+    graph = GraphBuilder(model.spec, model.recursion, params, tile=tile, target=target, cpu_schedules=p.cpu,
+                         sm_count=p.sm_count)
     mod = graph.build()
     if p.cpu:  # the cache's scalar prefill attention -> our vectorized one (tvm_attention)
         from edgeloop.compiler.tvm_attention import install
@@ -99,14 +142,17 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> Backen
         dump = Path(options.debug_dump)
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "01-relax.py").write_text(mod.script())
+    launches: dict = {}
     try:
-        executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(p, target))
+        with cuda_source_module(p):
+            executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(
+                p, target, lambda m: launches.update(launch_table(m))))
     except Exception as e:  # noqa: BLE001 - surface TVM's failure as one actionable line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
         raise EdgeloopError(f"TVM could not compile for --target {options.target}: {reason}; "
                             "try --target cpu or report the model config") from e
     compile_s = time.perf_counter() - start
-    executable.export_library(str(out_dir / p.library))
+    cuda = export(executable, out_dir / p.library, p)
     device_sources = write_device_sources(executable, out_dir)
     tvm.runtime.save_param_dict_to_file({n: tvm.runtime.tensor(a) for n, a in zip(params.names, params.arrays)},
                                         str(out_dir / PARAMS_FILE))
@@ -115,12 +161,13 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> Backen
     return BackendResult(
         layout="recursion",
         loop=loop_state(model),
-        kv=KVLayout(kind="paged", dtype="float32", kv_heads=model.spec.num_kv_heads, head_dim=model.spec.head_dim,
+        kv=KVLayout(kind="paged", dtype=options.dtype, kv_heads=model.spec.num_kv_heads, head_dim=model.spec.head_dim,
                     num_depths=model.recursion.num_depths, max_context=context, page_size=PAGE_SIZE,
                     prefill_chunk=chunk),
         entry_points=entry_points(model, graph.host_loop),
         tvm=TvmSection(library=p.library, params=PARAMS_FILE, param_names=tuple(params.names), device=p.device,
-                       target=p.target, token_dtype="int32", device_sources=tuple(device_sources)),
+                       target=p.target, token_dtype="int32", device_sources=tuple(device_sources),
+                       cuda=CudaCode(**cuda) if cuda else None),
         quantization=int4_summary(params, int4) if int4 else None,
         graph={
             "stages": [{"blocks": list(s.blocks), "repeats": s.repeats, "function": f"stage{i}"}
@@ -130,6 +177,8 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> Backen
             "tile": tile,
             "param_bytes": int(sum(a.nbytes for a in params.arrays)),
             "compile_s": round(compile_s, 2),
+            # GPUs: grid x block of every kernel (tvm_gpu_check), and which kernels are matmul-like
+            **({"kernels_launch": launches, "dense_kernels": graph.dense_kernels} if launches else {}),
         },
         kernels=tuple(sorted(graph.kernels)),
     )

@@ -32,6 +32,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 from tvm.relax.utils import gen_call_tir_inputs
 
 from edgeloop.compiler import tvm_ops as ops
+from edgeloop.compiler import tvm_gpu_schedule as gsched
 from edgeloop.compiler import tvm_schedule as sched
 from edgeloop.compiler.block_layout import groups
 from edgeloop.compiler.tvm_params import ParamTable
@@ -51,9 +52,13 @@ class Scope:
 
 class GraphBuilder:
     def __init__(self, spec: ModelSpec, recursion: Recursion, params: ParamTable, *, tile: int,
-                 target: tvm.target.Target, cpu_schedules: bool):
+                 target: tvm.target.Target, cpu_schedules: bool, sm_count: int = 0):
         self.spec, self.recursion, self.params = spec, recursion, params
         self.t, self.target, self.cpu = tile, target, cpu_schedules
+        self.dtype = params.float_dtype  # activations and KV cache (float32, or float16 on GPUs)
+        self.sm_count = sm_count  # GPU: multiprocessors the decode GEMVs spread over (tvm_gpu_schedule)
+        self.dense_kernels: dict[str, dict] = {}  # kernel -> output columns, K, s == 1 (launch checks)
+        self._last_kernel = ""
         self.groups = {g.name: g for g in groups(spec, recursion)}
         self.host_loop = len(recursion.stages) == 1
         self.bb = relax.BlockBuilder()
@@ -94,7 +99,7 @@ class GraphBuilder:
                 mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
                 rope_mode=RopeMode.NONE,  # RoPE is ours (tables shared with the reference)
                 rope_scale=1, rope_theta=int(s.rope_theta), rope_scaling={}, rope_ext_factors=relax.prim_value(0),
-                rotary_dim=s.rotary_dim, enable_disaggregation=False, dtype="float32", target=self.target)
+                rotary_dim=s.rotary_dim, enable_disaggregation=False, dtype=self.dtype, target=self.target)
             self.bb.emit_func_output(self.bb.emit(cache._expr))
 
     def _embed(self, scope: Scope, ids) -> relax.Var:
@@ -139,7 +144,7 @@ class GraphBuilder:
         """One pass of the looped stage; token i runs at depth[i] (its LoRA, vectors and, through the
         sequence the host declared for it, its KV), RoPE at the positions the host gives."""
         seq = tirx.Var("s", "int64")
-        x = relax.Var("x", relax.TensorType([seq, self.spec.hidden_size], "float32"))
+        x = relax.Var("x", relax.TensorType([seq, self.spec.hidden_size], self.dtype))
         kv = relax.Var("kv", relax.ObjectType())
         depth = relax.Var("depth", relax.TensorType([seq], "int32"))
         pos = relax.Var("pos", relax.TensorType([seq], "int32"))
@@ -158,7 +163,7 @@ class GraphBuilder:
 
     def _emit_epilogue(self) -> None:
         s = self.spec
-        x = relax.Var("x", relax.TensorType([tirx.Var("s", "int64"), s.hidden_size], "float32"))
+        x = relax.Var("x", relax.TensorType([tirx.Var("s", "int64"), s.hidden_size], self.dtype))
         params = relax.Var("params", self._params_type())
         with self.bb.function("epilogue", [x, params]):
             scope = Scope(params, None, None, False)
@@ -204,7 +209,7 @@ class GraphBuilder:
     def _stage_signature(self, mode: str):
         seq = 1 if mode == "decode" else tirx.Var("s", "int64")
         n = tirx.Var("n", "int64")
-        x = relax.Var("x", relax.TensorType([seq, self.spec.hidden_size], "float32"))
+        x = relax.Var("x", relax.TensorType([seq, self.spec.hidden_size], self.dtype))
         kv = relax.Var("kv", relax.ObjectType())
         pos = relax.Var("pos", relax.TensorType([seq], "int32"))
         params = relax.Var("params", self._params_type())
@@ -240,8 +245,10 @@ class GraphBuilder:
         out = self.bb.emit(relax.call_dps_packed(
             "vm.builtin.attention_kv_cache_attention_with_fused_qkv",
             [scope.kv, relax.prim_value(layer_id), relax.prim_value(1.0 / math.sqrt(s.head_dim)), qkv],
-            out_ty=relax.TensorType([seq, s.num_heads, s.head_dim], "float32")))
+            out_ty=relax.TensorType([seq, s.num_heads, s.head_dim], self.dtype)))
         self.kernels["paged_attention"] = self.kernels.get("paged_attention", 0) + 1
+        if not self.cpu:  # [s, heads * d] (a view): the GPU schedules read K contiguously
+            out = self.bb.emit(relax.op.reshape(out, [seq, s.num_heads * s.head_dim]))
         return self._linear(scope, out, u, "o", r, residual=residual)
 
     def _mlp(self, scope: Scope, h, u: int, r, residual) -> relax.Var:
@@ -269,13 +276,23 @@ class GraphBuilder:
         b = self._param(scope, f"{prefix}.B") if lora is not None else None
         kdim = int(x.ty.shape[-1]) if len(x.ty.shape) == 2 else int(x.ty.shape[-1]) * int(x.ty.shape[-2])
         single = isinstance(x.ty.shape[0], tirx.IntImm) and int(x.ty.shape[0]) == 1  # decode, last-token head
-        rows = 1 if single or not self.cpu else sched.PREFILL_ROWS  # GPUs: dlight tiles, no padding
-        kwargs.update(out_features=out, t=self.t, rank=rank, seg_tiles=seg_tiles, act=act, gated=gated, rows=rows)
+        rows = 1 if single else (sched.PREFILL_ROWS if self.cpu else gsched.TILE_M)
+        kwargs.update(out_features=out, t=self.t, rank=rank, seg_tiles=seg_tiles, act=act, gated=gated, rows=rows,
+                      split_gated=not self.cpu)
         if int4:
             name = f"{name}_int4"
-        return self._op(name or prefix.split(".")[-1], ops.dense, [x, w, scale, zero, bias, lora, b, residual, r],
-                        kwargs, scope, lambda sch: sched.schedule_dense(sch, t=self.t, rows=rows, decode=scope.decode,
-                                                                        work=out * kdim, int4=int4))
+        if self.cpu:
+            schedule = lambda sch: sched.schedule_dense(sch, t=self.t, rows=rows, decode=scope.decode,  # noqa: E731
+                                                        work=out * kdim, int4=int4)
+        elif _per_token(r):  # block step: weights picked per token, left to dlight's rules
+            schedule = None
+        else:
+            schedule = lambda sch: gsched.schedule_dense(sch, decode=single, sm_count=self.sm_count,  # noqa: E731
+                                                         int4=int4)
+        y = self._op(name or prefix.split(".")[-1], ops.dense, [x, w, scale, zero, bias, lora, b, residual, r],
+                     kwargs, scope, schedule, gpu=True)
+        self.dense_kernels[self._last_kernel] = {"columns": out // 2 if gated else out, "k": kdim, "single": single}
+        return y
 
     def _weights(self, scope: Scope, prefix: str):
         """(weight, int4 scales, int4 zero points, extra kwargs) of a dense: float, or the int4 triple."""
@@ -305,17 +322,24 @@ class GraphBuilder:
             self._cache[key] = self.bb.emit(relax.TupleGetItem(scope.params, self.params.index(name)))
         return self._cache[key]
 
-    def _op(self, name: str, fn, args: list, kwargs: dict, scope: Scope, schedule) -> relax.Var:
-        """Emit one TE kernel as call_tir, scheduled for CPU right here (GPU: dlight later)."""
+    def _op(self, name: str, fn, args: list, kwargs: dict, scope: Scope, schedule, gpu: bool = False) -> relax.Var:
+        """Emit one TE kernel as call_tir, scheduled right here: every kernel on CPU, the dense kernels
+        on GPU (`gpu`: `schedule` is a GPU schedule); the rest are left to dlight's GPU rules."""
         func, call_args, out_ty = gen_call_tir_inputs(fn, *args, **kwargs)
-        if self.cpu and schedule is not None:
+        if schedule is not None and (self.cpu or (gpu and self.sm_count)):  # sm_count 0: left unscheduled
             sch = s_tir.Schedule(func)
             schedule(sch)
             func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         kernel = f"{name}_{'decode' if scope.decode else 'prefill'}"
         gv = self.bb.add_func(func, kernel)
+        self._last_kernel = gv.name_hint
         self.kernels[gv.name_hint] = self.kernels.get(gv.name_hint, 0) + 1
         return self.bb.emit(relax.call_tir(gv, call_args, out_ty))
+
+
+def _per_token(r) -> bool:
+    """A repeat given per token (the block step's depth tensor), not a loop counter or a constant."""
+    return isinstance(getattr(r, "ty", None), relax.TensorType)
 
 
 def _unique_symbols(mod: tvm.IRModule) -> tvm.IRModule:

@@ -73,14 +73,16 @@ class ParamTable:
 
     names: list[str] = field(default_factory=list)
     arrays: list[np.ndarray] = field(default_factory=list)
+    float_dtype: str = "float32"  # storage of every float tensor (float16: --dtype float16, GPU targets)
     quantized: list[str] = field(default_factory=list)  # int4 group matrices ("blocks.0.qkv")
     kept_float: list[str] = field(default_factory=list)
     sq_error: dict[str, float] = field(default_factory=lambda: {"chosen": 0.0, "norm": 0.0})
 
-    def add(self, name: str, array: np.ndarray) -> None:
+    def add(self, name: str, array: np.ndarray, dtype: str | None = None) -> None:
         self.names.append(name)
-        dtype = np.uint8 if array.dtype == np.uint8 else np.float32  # int4 codes stay bytes
-        self.arrays.append(np.ascontiguousarray(array, dtype=dtype))
+        if array.dtype == np.uint8:  # int4 codes stay bytes
+            dtype = np.uint8
+        self.arrays.append(np.ascontiguousarray(array, dtype=dtype or self.float_dtype))
 
     def index(self, name: str) -> int:
         return self.names.index(name)
@@ -98,9 +100,9 @@ def _stacked(v: np.ndarray, repeats: int) -> np.ndarray:
 
 
 def build_params(spec: ModelSpec, recursion: Recursion, tensors: dict[str, np.ndarray], t: int,
-                 max_context: int, int4: Int4Config | None = None) -> ParamTable:
-    """Every tensor the graph reads, laid out for it."""
-    p = ParamTable()
+                 max_context: int, int4: Int4Config | None = None, float_dtype: str = "float32") -> ParamTable:
+    """Every tensor the graph reads, laid out for it (floats stored as float_dtype)."""
+    p = ParamTable(float_dtype=float_dtype)
     embed = tensors["embed.weight"]
     head = embed if spec.tie_embeddings else tensors["lm_head.weight"]
     p.add("head.W", pack_matrix(head, t))
@@ -113,8 +115,8 @@ def build_params(spec: ModelSpec, recursion: Recursion, tensors: dict[str, np.nd
         p.add("exit_gate.W", pack_matrix(tensors["exit_gate.weight"], t))
         p.add("exit_gate.bias", tensors["exit_gate.bias"][None])
     cos, sin = rope_tables(spec, max_context)
-    p.add("rope.cos", cos)
-    p.add("rope.sin", sin)
+    p.add("rope.cos", cos, "float32")  # small; RoPE is computed in float32 whatever the storage
+    p.add("rope.sin", sin, "float32")
     for u in range(recursion.num_blocks):
         _add_block(p, block_tensors(spec, recursion, tensors, u), t, int4)
     return p
@@ -158,6 +160,7 @@ def int4_summary(p: ParamTable, cfg: Int4Config) -> dict:
     """The manifest's "quantization" section (same keys as the ORT backend where they apply)."""
     err = p.sq_error
     return {"scheme": "int4", "schemes_by_kind": {"shared": "int4-block"}, "block_size": cfg.block_size,
-            "symmetric": cfg.symmetric, "scale_search": cfg.search, "compute": "float32 (codes decoded in the matmul)",
-            "quantized_weights": sorted(p.quantized), "kept_float": sorted(p.kept_float), "lora_dtype": "float32",
+            "symmetric": cfg.symmetric, "scale_search": cfg.search,
+            "compute": f"float32 (codes decoded in the matmul), {p.float_dtype} activations",
+            "quantized_weights": sorted(p.quantized), "kept_float": sorted(p.kept_float), "lora_dtype": p.float_dtype,
             "rel_error": round(math.sqrt(err["chosen"] / err["norm"]), 6) if err["norm"] else 0.0}

@@ -86,10 +86,12 @@ def elementwise(sch: s_tir.Schedule, name: str, parallel: bool, vectorize: bool 
 def schedule_dense(sch: s_tir.Schedule, *, t: int, rows: int, decode: bool, work: int, int4: bool = False) -> None:
     """rows: the register-tile height the kernel was built with (tvm_ops.dense pads s to it)."""
     parallel = not decode or work >= PARALLEL_MIN_WORK
+    if _has_block(sch, "x_pad"):  # the padded rows are read in place (clamped index) on CPU
+        sch.compute_inline(sch.get_sblock("x_pad"))
     tile_reduction(sch, "matmul", t, rows, parallel, k_pairs=int4)
     if _has_block(sch, "lora_b"):
         tile_reduction(sch, "lora_b", t, rows, False)
-    final = next((n for n in ("gated", "act") if _has_block(sch, n)), "epilogue")
+    final = next((n for n in ("gated", "act", "cast") if _has_block(sch, n)), "epilogue")
     if final != "epilogue":
         sch.compute_inline(sch.get_sblock("epilogue"))
     elementwise(sch, final, not decode)

@@ -8,6 +8,7 @@ running commands (run, chat, perplexity, bench, ...) live in `cli_run`.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -151,6 +152,10 @@ def compile_cmd(
     tune_trials: int = typer.Option(0, help="TVM: offline tuning trials (0 = tuning-free schedules)"),
     debug_dump: Optional[Path] = typer.Option(None, help="write the graph after every pipeline pass into this "
                                                            "directory (one file per graph and pass)"),
+    arch: Optional[List[str]] = typer.Option(None, help="TVM CUDA: architecture(s) to build device code for, "
+                                                        "repeatable or comma-separated (default sm_80,sm_90)"),
+    dtype: str = typer.Option("float32", help="TVM CUDA: float32 | float16 (weights, activations, KV cache; "
+                                              "float32 accumulation)"),
     force: bool = typer.Option(False, "--force", help="replace an existing artifact"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
 ) -> None:
@@ -163,13 +168,15 @@ def compile_cmd(
                              keep_float=list(keep_float or []), lora_dtype=lora_dtype, scale_search=scale_search,
                              accuracy_level=accuracy_level,
                              calibration_text=str(calibration_text) if calibration_text else None, optimize=optimize,
-                             tune_trials=tune_trials, debug_dump=str(debug_dump) if debug_dump else None)
+                             tune_trials=tune_trials, debug_dump=str(debug_dump) if debug_dump else None,
+                             arch=list(arch or []), dtype=dtype)
     options.validate()
     contract = compile_model(model_dir, output, options, overwrite=force)
     size = sum(f.bytes for f in contract.files.values())
     summary = {"output": str(output), "backend": backend, "target": target, "layout": contract.layout,
                "bytes": size, "entry_points": sorted(contract.entry_points), "graph": contract.graph,
-               "quantization": contract.quantization, "quality": contract.quality}
+               "quantization": contract.quantization, "quality": contract.quality,
+               "cuda": asdict(contract.tvm.cuda) if contract.tvm and contract.tvm.cuda else None}
     if as_json:
         out.print_json(json.dumps(summary, default=str))
         return
@@ -188,6 +195,10 @@ def compile_cmd(
     quality = contract.quality
     if quality:
         out.print("  quality vs fp32: " + ", ".join(f"{k} {v}" for k, v in quality.items()))
+    cuda = contract.tvm.cuda if contract.tvm else None
+    if cuda:
+        out.print(f"  CUDA device code: {cuda.device_code} for {', '.join(cuda.archs)}"
+                  + (f" + PTX {', '.join(cuda.ptx)}" if cuda.ptx else ""))
     err.print(f"[dim]{_escape(str(options))}[/]", soft_wrap=True)
 
 

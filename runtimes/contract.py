@@ -171,6 +171,19 @@ class OnnxSection:
 
 
 @dataclass(frozen=True)
+class CudaCode:
+    """CUDA device code shipped in the library: a fatbin per architecture (nvcc at compile time), or the
+    source for NVRTC at load."""
+
+    __pydantic_config__ = _STRICT
+    archs: tuple[str, ...]
+    device_code: Literal["fatbin", "source"]
+    ptx: tuple[str, ...] = ()
+    note: str | None = None
+    fatbin_entries: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class TvmSection:
     __pydantic_config__ = _STRICT
     library: str
@@ -180,6 +193,7 @@ class TvmSection:
     target: dict[str, Any]
     token_dtype: DType = "int32"
     device_sources: tuple[str, ...] = ()
+    cuda: CudaCode | None = None
 
 
 @dataclass(frozen=True)

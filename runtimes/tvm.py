@@ -6,6 +6,8 @@ a batch of rows in one group is one call: their tokens are concatenated (ragged)
 begin_forward / end_forward with each row's sequence id and length. Host-driven states use the
 step cache (K layers), where each (stream, depth) pair is a sequence of its own: one block call
 mixes rows at different depths, and a row that skipped a depth simply has no entry there.
+A `--target cuda` artifact also needs a CUDA GPU and TVM's CUDA runtime; its device code ships
+compiled (see `compiler/tvm_cuda.py`), so no compiler is needed to load it.
 """
 
 from __future__ import annotations
@@ -60,16 +62,20 @@ class TvmBackend:
 
         section = contract.tvm
         path = Path(path)
-        device = tvm.device(section.device) if section.device in ("cpu", "cuda", "opencl", "metal") else None
-        if device is None or not device.exist:
-            raise EdgeloopError(f"this artifact was compiled for --target {contract.target} ({section.device}); no such "
-                                "device here, so it runs on that device's TVM runtime (compile with --target cpu to "
-                                "run it here)")
+        if section.device == "cuda":
+            device = cuda_device(tvm, section.cuda)
+            devices = [device, tvm.cpu()]  # kernels on the GPU, the VM's shape code on the host
+        elif section.device == "cpu":
+            device = tvm.cpu()
+            devices = [device]
+        else:
+            raise EdgeloopError(f"this artifact was compiled for --target {contract.target} ({section.device}) and runs "
+                                "on that device's TVM runtime; compile with --target cpu to run it here")
         if threads:
             tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
         self._tvm, self.contract, self.path = tvm, contract, path
         try:
-            self.vm = VirtualMachine(tvm.runtime.load_module(str(path / section.library)), device)
+            self.vm = VirtualMachine(tvm.runtime.load_module(str(path / section.library)), devices)
             stored = tvm.runtime.load_param_dict_from_file(str(path / section.params))
         except Exception as e:  # noqa: BLE001 - TVM raises its own error types for damaged files
             raise EdgeloopError(f"TVM cannot load {path}: {str(e).strip().splitlines()[-1][:200]}; the artifact is "
@@ -77,7 +83,8 @@ class TvmBackend:
         missing = [n for n in section.param_names if n not in stored]
         if missing:
             raise EdgeloopError(f"{path / section.params} lacks {missing[0]}; the artifact is corrupt, compile it again")
-        self.params = [stored[n] for n in section.param_names]
+        on_gpu = len(devices) > 1
+        self.params = [stored[n].copyto(device) if on_gpu else stored[n] for n in section.param_names]
         self._device = device
         kv = contract.kv
         self.vocab_size, self.hidden_size = contract.model.vocab_size, contract.model.hidden_size
@@ -290,3 +297,46 @@ class TvmBackend:
         cuts = np.cumsum(lengths)[:-1]
         scores = np.split(score, cuts) if gated else [None] * len(lengths)
         return [RowOutput(lg.astype(np.float32), 0, sc) for lg, sc in zip(np.split(logits, cuts), scores)]
+
+
+def cuda_device(tvm, cuda):
+    """The CUDA device a `--target cuda` artifact runs on, or a one-line error. Device code shipped as
+    a fatbin loads as is; CUDA source (compiled where nvcc was missing) is compiled here with NVRTC."""
+    import ctypes
+
+    if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+        # TVM imported without its CUDA runtime (runtime-only installs): load it next to libtvm_runtime
+        lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+        try:
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass
+    archs = ", ".join(cuda.archs if cuda else ()) or "CUDA"
+    try:
+        device = tvm.cuda(0)
+        present = bool(device.exist)
+    except Exception:  # noqa: BLE001 - no CUDA runtime library or driver at all
+        present = False
+    if not present:
+        raise EdgeloopError(f"this artifact runs on an NVIDIA GPU ({archs}) and no CUDA device was found here; "
+                            "compile with --target cpu to run it on this machine")
+    if cuda is not None and cuda.device_code == "source":
+        _register_nvrtc(tvm, "sm_" + device.compute_version.replace(".", ""))
+    return device
+
+
+def _register_nvrtc(tvm, arch: str) -> None:
+    """Compile shipped CUDA source for this GPU at load time (TVM's own callback needs its compiler)."""
+    import tvm_ffi
+
+    def compile_source(code, *_target):
+        from tvm.support import nvcc
+
+        try:
+            return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
+        except Exception as e:  # noqa: BLE001 - say what is missing, in one line
+            raise EdgeloopError(f"this artifact ships CUDA source (nvcc was missing when it was compiled) and NVRTC "
+                                f"could not compile it here ({e}); install cuda-bindings, or recompile the artifact "
+                                "where nvcc is installed") from e
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_source, override=True)

@@ -172,7 +172,7 @@ def test_cuda_source_compiles_with_nvcc(tmp_path, converted):
     if nvcc is None:
         pytest.skip("nvcc is not installed; the CUDA artifact is built but its source is not compiled")
     contract = edgeloop.compile(converted("llama", loops=2, lora_rank=8), tmp_path / "cu", backend="tvm",
-                                target="cuda")
+                                target="cuda", arch=["sm_90"])
     assert contract.tvm.device_sources == ("model.cu",)
     r = subprocess.run([nvcc, "-c", str(tmp_path / "cu" / "model.cu"), "-arch=sm_90", "-o", str(tmp_path / "m.o")],
                        capture_output=True, text=True, timeout=300)
