@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import edgeloop
-from edgeloop.runtimes.sampling import GenerationConfig, Sampler
 from edgeloop.runtimes.tokenizer import IncrementalDecoder
 from conftest import run_cli
 
@@ -42,17 +41,6 @@ def test_top_k_one_is_greedy(full_rank):
                                      ignore_eos=True) == greedy
 
 
-def test_sampler_filters():
-    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
-    draws = lambda **kw: {Sampler(GenerationConfig(temperature=1.0, seed=s, **kw))(logits) for s in range(200)}
-    assert draws(top_k=2) == {0, 1}
-    assert draws(top_p=0.7) == {0, 1}  # 0.5 + 0.3 reaches 0.7
-    assert draws(min_p=0.5) == {0, 1}  # 0.3 >= 0.5 * 0.5, 0.15 is not
-    # repetition penalty divides positive logits of seen tokens
-    penal = Sampler(GenerationConfig(repetition_penalty=100.0))
-    assert penal(np.array([3.0, 2.0, 1.0], np.float32), history=[0]) == 1
-
-
 def test_stop_strings_stop_at_the_right_place(full_rank):
     text = full_rank.generate("hello", max_new_tokens=40, ignore_eos=True)
     assert len(text) > 6
@@ -79,11 +67,6 @@ def test_incremental_decoding_never_splits_utf8(full_rank):
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
 
-
-def test_batch_equals_one_by_one(full_rank):
-    prompts = ["one", "two two", "three three three"]
-    options = dict(max_new_tokens=12, ignore_eos=True)
-    assert full_rank.generate(prompts, **options) == [full_rank.generate(p, **options) for p in prompts]
 
 
 def test_chat_reuses_kv_and_matches_a_single_pass(full_rank):
