@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from edgeloop.errors import EdgeloopError
 from edgeloop.fileio import atomic_output_dir, sha256_file
 from edgeloop.runtimes.contract import (FORMAT, MANIFEST, VERSION, Contract, EntryPoint, FileEntry, KVLayout,
                                         LoopState, OnnxSection, TokenizerSection, TvmSection, parse,
@@ -72,7 +73,23 @@ def provisional_contract(model, options, result: BackendResult, tokenizer: Token
         kv=result.kv, entry_points=result.entry_points,
         tokenizer=tokenizer or _tokenizer(model)[0], generation=generation_defaults_from(model.generation),
         files=files or {}, onnx=result.onnx, tvm=result.tvm, quantization=result.quantization,
-        quality=result.quality, graph=result.graph, kernels=tuple(result.kernels), options=options.to_dict())
+        quality=result.quality, graph=result.graph, kernels=tuple(result.kernels), options=options.to_dict(),
+        exit=_exit_section(model, options, result))
+
+
+def _exit_section(model, options, result: BackendResult):
+    """--exit: the artifact's default policy, validated against the model (a gate needs a gate)."""
+    from edgeloop.runtimes.contract import ExitSection
+    from edgeloop.runtimes.exits import parse_policy
+
+    if not options.exit or options.exit == "none":
+        return None
+    if not result.loop.host_loop:
+        raise EdgeloopError("--exit needs a model with one looped stage (CYCLE sharing): this one has "
+                            f"{len(model.recursion.stages)} stages")
+    policy = parse_policy(options.exit, loops=model.recursion.loops, gate=model.spec.exit_gate,
+                          gate_threshold=model.spec.exit_threshold)
+    return ExitSection(str(policy), "fill", None)
 
 
 def write_artifact(out: Path, model, options, build, *, overwrite: bool = False) -> Contract:

@@ -16,6 +16,9 @@ per row (right-padded), `cap` KV capacity, `n` logit positions per row):
             pools [slots, kvh, cap, hd] -> hidden [b, t, H]; new K/V [b, kvh, t, hd] per k.
             One pass of the looped block, each row at its own depth (its LoRA, vectors and KV
             slot gathered per row): the host drives the loop, exits and mixes depths.
+  kv_fill   hidden [b, t, H]; depth [b]; past_len [b] -> per block position k the K/V the layer would
+            store at that depth (input norm, k/v with the depth's LoRA, RoPE): a token that left the
+            loop early has its exit state copied forward to the depths it skipped
   epilogue  hidden [b, n, H] -> logits [b, n, V] (final norm + LM head)
 The host-driven graphs exist when the model has a single looped stage (CYCLE sharing, or a
 vanilla model): `loop.host_loop` in the contract.
@@ -33,7 +36,7 @@ from edgeloop.compiler.artifact import has_host_loop
 from edgeloop.compiler.block_layout import BlockTensors, block_tensors
 from edgeloop.compiler.onnx_graph import GraphBuilder
 from edgeloop.compiler.onnx_layer import (EMBEDDING, SHARED, AttentionInputs, FixedDepth, GatheredDepth,
-                                          attention_inputs, emit_layer, gqa_supported, plain_norm)
+                                          attention_inputs, emit_kv, emit_layer, gqa_supported, plain_norm)
 from edgeloop.spec import ModelSpec, Recursion
 
 I64 = np.int64
@@ -242,12 +245,13 @@ def build_block(spec: ModelSpec, recursion: Recursion, tensors: dict, *, float_d
     depth = g.input("depth", I64, ["batch"], role="depth")
     past_len = g.input("past_len", I64, ["batch"], role="past_len")
     slot = g.input("slot", I64, ["batch"], role="slot")
+    kv_valid = g.input("kv_valid", np.bool_, ["batch", "capacity"], role="kv_valid")
     for k in range(len(stage.blocks)):
         g.input(f"kv_pool_key.k{k}", fdt, ["slots", kvh, "capacity", hd], role="kv_pool_key", kv=f"k{k}")
         g.input(f"kv_pool_value.k{k}", fdt, ["slots", kvh, "capacity", hd], role="kv_pool_value", kv=f"k{k}")
     seq = g.op("Gather", g.op("Shape", x), g.const(1), axis=0, name="seq_len")
     cap = g.op("Gather", g.op("Shape", "kv_pool_key.k0"), g.const(2), axis=0, name="capacity")
-    att = attention_inputs(g, spec, seq, past_len, cap, gqa=False)
+    att = attention_inputs(g, spec, seq, past_len, cap, gqa=False, kv_valid=kv_valid)
     delta, new = None, []
     for k, u in enumerate(stage.blocks):
         w = GatheredDepth(g, block_tensors(spec, recursion, tensors, u), block_depths(recursion)[u], index=depth,
@@ -267,6 +271,29 @@ def build_block(spec: ModelSpec, recursion: Recursion, tensors: dict, *, float_d
             g.op_to("Identity", [value], [f"new_{kind}.k{k}"])
             g.output(f"new_{kind}.k{k}", fdt, ["batch", kvh, "seq", hd], role=f"new_{kind}", kv=f"k{k}")
     return BuiltGraph("block", "block.onnx", g)
+
+
+def build_kv_fill(spec: ModelSpec, recursion: Recursion, tensors: dict, *, float_dtype=np.float32,
+                  lora_dtype=np.float32) -> BuiltGraph:
+    """The K/V each block position would store at a row's depth, from hidden states it is given (a token's
+    exit state, copied forward to the depths it skipped): no attention, no MLP."""
+    stage = recursion.stages[0]
+    g = GraphBuilder("edgeloop_kv_fill", float_dtype=float_dtype)
+    fdt = g.float_dtype
+    kvh, hd = spec.num_kv_heads, spec.head_dim
+    x = g.input("hidden", fdt, ["batch", "seq", spec.hidden_size], role="hidden")
+    depth = g.input("depth", I64, ["batch"], role="depth")
+    past_len = g.input("past_len", I64, ["batch"], role="past_len")
+    seq = g.op("Gather", g.op("Shape", x), g.const(1), axis=0, name="seq_len")
+    att = attention_inputs(g, spec, seq, past_len, None, gqa=False, rope_only=True)
+    for k, u in enumerate(stage.blocks):
+        w = GatheredDepth(g, block_tensors(spec, recursion, tensors, u), block_depths(recursion)[u], index=depth,
+                          per_row=True, lora_dtype=lora_dtype)
+        nk, nv = emit_kv(g, spec, w, x, att)
+        for kind, value in (("key", nk), ("value", nv)):
+            g.op_to("Identity", [value], [f"new_{kind}.k{k}"])
+            g.output(f"new_{kind}.k{k}", fdt, ["batch", kvh, "seq", hd], role=f"new_{kind}", kv=f"k{k}")
+    return BuiltGraph("kv_fill", "kv_fill.onnx", g)
 
 
 def build_epilogue(spec: ModelSpec, tensors: dict, *, float_dtype=np.float32) -> BuiltGraph:
@@ -295,6 +322,8 @@ def build_graphs(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout
         graphs += [build_prologue(spec, tensors, float_dtype=float_dtype),
                    build_block(spec, recursion, tensors, float_dtype=float_dtype,
                                lora_dtype=block_lora_dtype or lora_dtype),
+                   build_kv_fill(spec, recursion, tensors, float_dtype=float_dtype,
+                                 lora_dtype=block_lora_dtype or lora_dtype),
                    build_epilogue(spec, tensors, float_dtype=float_dtype)]
     return graphs, inplace
 

@@ -213,8 +213,10 @@ def gqa_rotates(spec: ModelSpec) -> bool:
 
 
 def attention_inputs(g: GraphBuilder, spec: ModelSpec, seq: str, past_len: str, capacity: str | None,
-                     *, gqa: bool) -> AttentionInputs:
-    """RoPE rows of every row's new positions and the attention masks (see AttentionInputs)."""
+                     *, gqa: bool, kv_valid: str | None = None, rope_only: bool = False) -> AttentionInputs:
+    """RoPE rows of every row's new positions and the attention masks (see AttentionInputs).
+    kv_valid [b, capacity] (bool): which cached positions a row may attend to (the host-driven loop:
+    a position whose token left the loop before this depth holds nothing there); default: < past_len."""
     from edgeloop.spec import rope_tables
 
     rep = spec.num_heads // spec.num_kv_heads
@@ -247,10 +249,12 @@ def attention_inputs(g: GraphBuilder, spec: ModelSpec, seq: str, past_len: str, 
     sin_k = g.op("Reshape", sin_rows, g.const([0, 0, 1, rd]), name="sin_k")
     if gqa:  # partial rotary or head_dim % 16 != 0: our own RoPE ops before the attention op
         return AttentionInputs(cos_q, sin_q, cos_k, sin_k, None, None, None, seqlens_k, total_len)
+    if rope_only:
+        return AttentionInputs(cos_q, sin_q, cos_k, sin_k, None, None, None)
 
     kpos = g.op("Range", g.const(0), capacity, g.const(1), name="kpos")  # [cap]
-    valid = g.op("Less", g.op("Unsqueeze", kpos, g.const([0])), g.op("Unsqueeze", past_len, g.const([1])),
-                 name="past_valid")  # [b, cap]
+    valid = kv_valid or g.op("Less", g.op("Unsqueeze", kpos, g.const([0])), g.op("Unsqueeze", past_len, g.const([1])),
+                             name="past_valid")  # [b, cap]
     qi = g.op("Tile", steps, g.const([rep]), name="q_step_rows")  # row r*t + i -> new token i
     causal = g.op("LessOrEqual", g.op("Unsqueeze", steps, g.const([0])), g.op("Unsqueeze", qi, g.const([1])),
                   name="causal")  # [rep*t, t]
@@ -299,6 +303,22 @@ def emit_layer(g: GraphBuilder, spec: ModelSpec, w: LayerWeights, x: str, att: A
         return g.op("Add", x, attn, name="residual"), _mlp(g, spec, w, groups, h2, plan), new_k, new_v
     h2, x = residual_norm(g, spec, w, x, attn, "post_norm")
     return x, _mlp(g, spec, w, groups, h2, plan), new_k, new_v
+
+
+def emit_kv(g: GraphBuilder, spec: ModelSpec, w: LayerWeights, x: str, att: AttentionInputs) -> tuple[str, str]:
+    """Only the K/V a layer would store for hidden states x [b, t, H] (its input norm, k and v with this
+    depth's LoRA, RoPE): what filling a skipped depth from a token's exit state needs."""
+    groups = {gr.name: gr for gr in w.bt.groups}
+    h = norm(g, spec, w, x, "input_norm")
+    _, k, v = linear(g, w, groups["qkv"], h)
+    kvh, hd = spec.num_kv_heads, spec.head_dim
+    k = g.op("Reshape", k, g.const([0, 0, kvh, hd]), name="k_heads")
+    v = g.op("Reshape", v, g.const([0, 0, kvh, hd]), name="v_heads")
+    if spec.qk_norm:
+        k = _head_norm(g, spec, w, k, "k_norm")
+    k = _rope(g, spec, k, att.cos_k, att.sin_k)
+    return g.op("Transpose", k, perm=[0, 2, 1, 3], name="fill_k"), g.op("Transpose", v, perm=[0, 2, 1, 3],
+                                                                         name="fill_v")
 
 
 def norm(g: GraphBuilder, spec: ModelSpec, w: LayerWeights, x: str, name: str) -> str:

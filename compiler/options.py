@@ -36,6 +36,7 @@ class CompileOptions:
     optimize: bool = True  # apply portable ORT graph optimizations offline
     tune_trials: int = 0  # TVM: optional offline tuning
     debug_dump: str | None = None  # a directory: the graph after every pipeline pass (outside the artifact)
+    exit: str | None = None  # the artifact's default early-exit policy (runtimes/exits.py)
     arch: list[str] = field(default_factory=list)  # TVM CUDA: sm_XX device code is built for (default sm_80, sm_90)
     dtype: str = "float32"  # TVM CUDA: float16 weights, activations and KV cache (float32 accumulation)
 

@@ -138,13 +138,15 @@ def build(model: CompileInput, options: CompileOptions, out_dir: Path) -> Backen
 
         s = model.spec
         mod = install(mod, h_kv=s.num_kv_heads, h_q=s.num_heads, d=s.head_dim)
+    instruments = []
     if options.debug_dump:
         dump = Path(options.debug_dump)
         dump.mkdir(parents=True, exist_ok=True)
-        (dump / "01-relax.py").write_text(mod.script())
+        (dump / "000-built.py").write_text(mod.script())
+        instruments.append(tvm.instrument.DumpIR(dump))  # the module after every pass, one file each
     launches: dict = {}
     try:
-        with cuda_source_module(p):
+        with cuda_source_module(p), tvm.transform.PassContext(opt_level=3, instruments=instruments):
             executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(
                 p, target, lambda m: launches.update(launch_table(m))))
     except Exception as e:  # noqa: BLE001 - surface TVM's failure as one actionable line
@@ -209,6 +211,8 @@ def entry_points(model, host_loop: bool) -> dict:
             "prologue": EntryPoint("prologue", (T("ids", "input_ids", "int32", ("tokens",)), params), (hidden,)),
             "block": EntryPoint("block", (hidden, kv, T("depth", "depth", "int32", ("tokens",)),
                                           T("pos", "positions", "int32", ("tokens",)), params), (hidden,)),
+            "kv_fill": EntryPoint("kv_fill", (hidden, kv, T("depth", "depth", "int32", ("tokens",)),
+                                              T("pos", "positions", "int32", ("tokens",)), params), ()),
             "epilogue": EntryPoint("epilogue", (hidden, params), outputs),
         })
     return out

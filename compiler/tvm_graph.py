@@ -12,6 +12,7 @@ Module layout (DESIGN section 4)::
                                                    (stream, depth), so one call mixes depths)
     prologue(ids [s], params)                   -> hidden [s, H]
     block(x [s, H], kv, depth [s], pos [s], params) -> hidden [s, H]   one pass, each token at its depth
+    kv_fill(x [s, H], kv, depth [s], pos [s], params)   K/V only, from given hidden states (skipped depths)
     epilogue(x [s, H], params)                  -> logits [s, V] (and the exit gate's [s, 1])
 
 A stage with R repeats is one private function that runs its K blocks once and calls itself
@@ -76,6 +77,7 @@ class GraphBuilder:
             self._emit_create_kv_cache("create_step_kv_cache", len(self.recursion.stages[0].blocks))
             self._emit_prologue()
             self._emit_block()
+            self._emit_kv_fill()
             self._emit_epilogue()
         mod = self.bb.get()
         # drop the bodies built under temporary names (their code now lives in the stubs' slots)
@@ -161,6 +163,25 @@ class GraphBuilder:
             self.bb.emit_func_output(y)
         self._cache.clear()
 
+    def _emit_kv_fill(self) -> None:
+        """Each block position's K/V at per-token depths from given hidden states (a token's exit state
+        copied forward to a depth it skipped): the layer's input norm and q/k/v, appended through the
+        paged cache (whose attention output is returned only so that the calls are kept)."""
+        seq = tirx.Var("s", "int64")
+        x = relax.Var("x", relax.TensorType([seq, self.spec.hidden_size], self.dtype))
+        kv = relax.Var("kv", relax.ObjectType())
+        depth = relax.Var("depth", relax.TensorType([seq], "int32"))
+        pos = relax.Var("pos", relax.TensorType([seq], "int32"))
+        params = relax.Var("params", self._params_type())
+        with self.bb.function("kv_fill", [x, kv, depth, pos, params]):
+            scope = Scope(params, kv, pos, False)
+            outs = []
+            for j, u in enumerate(self.recursion.stages[0].blocks):
+                h = self._norm(scope, x, f"blocks.{u}.input_norm", depth)
+                outs.append(self._cached_attention(scope, h, u, depth, j))
+            self.bb.emit_func_output(relax.Tuple(outs))
+        self._cache.clear()
+
     def _emit_epilogue(self) -> None:
         s = self.spec
         x = relax.Var("x", relax.TensorType([tirx.Var("s", "int64"), s.hidden_size], self.dtype))
@@ -231,6 +252,16 @@ class GraphBuilder:
         return self._mlp(scope, h2, u, r, residual=x)
 
     def _attention(self, scope: Scope, h, u: int, r, layer_id, residual) -> relax.Var:
+        s = self.spec
+        out = self._cached_attention(scope, h, u, r, layer_id)
+        seq = out.ty.shape[0]
+        if not self.cpu:  # [s, heads * d] (a view): the GPU schedules read K contiguously
+            out = self.bb.emit(relax.op.reshape(out, [seq, s.num_heads * s.head_dim]))
+        return self._linear(scope, out, u, "o", r, residual=residual)
+
+    def _cached_attention(self, scope: Scope, h, u: int, r, layer_id) -> relax.Var:
+        """q/k/v of normed hidden states h, RoPE, then the paged cache: appends this layer's K/V for the
+        new tokens and attends over the sequence. Output [s, heads, head_dim]."""
         s, pre = self.spec, f"blocks.{u}"
         qkv = self._linear(scope, h, u, "qkv", r)
         q_norm = self._param(scope, f"{pre}.q_norm.weight") if s.qk_norm else None
@@ -247,9 +278,7 @@ class GraphBuilder:
             [scope.kv, relax.prim_value(layer_id), relax.prim_value(1.0 / math.sqrt(s.head_dim)), qkv],
             out_ty=relax.TensorType([seq, s.num_heads, s.head_dim], self.dtype)))
         self.kernels["paged_attention"] = self.kernels.get("paged_attention", 0) + 1
-        if not self.cpu:  # [s, heads * d] (a view): the GPU schedules read K contiguously
-            out = self.bb.emit(relax.op.reshape(out, [seq, s.num_heads * s.head_dim]))
-        return self._linear(scope, out, u, "o", r, residual=residual)
+        return out
 
     def _mlp(self, scope: Scope, h, u: int, r, residual) -> relax.Var:
         s = self.spec

@@ -112,6 +112,53 @@ def convert(
     err.print(f"[dim]{_escape(str(options))}[/]", soft_wrap=True)
 
 
+@app.command()
+def uptrain(
+    model_dir: Path = typer.Argument(..., help="edgeloop model dir (converted, one looped stage)"),
+    data: List[Path] = typer.Option(..., "--data", help="UTF-8 training text (repeatable)"),
+    output: Path = typer.Option(..., "-o", "--output", help="output model directory (written atomically)"),
+    teacher: Optional[Path] = typer.Option(None, help="the original HF checkpoint (default: the one the model was "
+                                                      "converted from)"),
+    steps: int = typer.Option(200, help="optimizer steps"),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate"),
+    batch: int = typer.Option(8, help="windows per step"),
+    seq: int = typer.Option(128, help="tokens per window"),
+    exit_loss: float = typer.Option(1.0, help="loss weight of the intermediate loop boundaries (the last weighs 1)"),
+    exit_gate: bool = typer.Option(False, "--exit-gate", help="also train a learned exit gate (policy gate:T)"),
+    train_shared: bool = typer.Option(False, "--train-shared", help="also train the shared block"),
+    device: str = typer.Option("auto", help="auto (CUDA when torch sees one) | cpu | cuda"),
+    seed: int = typer.Option(0, help="RNG seed (batches, init)"),
+    checkpoint_every: int = typer.Option(100, help="steps between resumable checkpoints"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint of this output"),
+    heldout: Optional[Path] = typer.Option(None, help="held-out text for the per-loop perplexity (default: the "
+                                                      "model's heldout.txt)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Distill the original checkpoint into the recursive model, with a loss at every loop boundary."""
+    from edgeloop.uptrain import UptrainOptions, uptrain as run_uptrain
+
+    options = UptrainOptions(steps=steps, lr=lr, batch=batch, seq=seq, exit_loss=exit_loss, train_shared=train_shared,
+                             exit_gate=exit_gate, device=device, seed=seed, checkpoint_every=checkpoint_every,
+                             resume=resume, teacher=str(teacher) if teacher else None,
+                             heldout=str(heldout) if heldout else None)
+    result = run_uptrain(model_dir, list(data), output, options, overwrite=force, progress=not as_json)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    table = Table(title=f"uptrain {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_s:.0f} tok/s), "
+                        f"loss {result.loss_first:.4f} -> {result.loss_last:.4f}")
+    table.add_column("held-out perplexity")
+    for i in range(len(result.perplexity_after)):
+        table.add_column(f"loop {i + 1}", justify="right")
+    table.add_row("before", *[f"{p:.2f}" for p in result.perplexity_before])
+    table.add_row("after", *[f"{p:.2f}" for p in result.perplexity_after])
+    out.print(table)
+    out.print(f"original model: {result.teacher_perplexity:.2f}; wrote {_escape(str(result.path))}")
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {_escape(note)}")
+
+
 @app.command("export-merged")
 def export_merged_cmd(
     model_dir: Path = typer.Argument(..., help="edgeloop model dir"),
@@ -156,6 +203,8 @@ def compile_cmd(
                                                         "repeatable or comma-separated (default sm_80,sm_90)"),
     dtype: str = typer.Option("float32", help="TVM CUDA: float32 | float16 (weights, activations, KV cache; "
                                               "float32 accumulation)"),
+    exit_policy: Optional[str] = typer.Option(None, "--exit", help="default early-exit policy stored in the "
+                                              "artifact (e.g. confidence:0.9; 'edgeloop calibrate' picks one)"),
     force: bool = typer.Option(False, "--force", help="replace an existing artifact"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
 ) -> None:
@@ -169,7 +218,7 @@ def compile_cmd(
                              accuracy_level=accuracy_level,
                              calibration_text=str(calibration_text) if calibration_text else None, optimize=optimize,
                              tune_trials=tune_trials, debug_dump=str(debug_dump) if debug_dump else None,
-                             arch=list(arch or []), dtype=dtype)
+                             arch=list(arch or []), dtype=dtype, exit=exit_policy)
     options.validate()
     contract = compile_model(model_dir, output, options, overwrite=force)
     size = sum(f.bytes for f in contract.files.values())

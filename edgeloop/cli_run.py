@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import typer
 from rich.table import Table
 
@@ -36,6 +37,7 @@ def run(
     exit_policy: Optional[str] = typer.Option(None, "--exit", help="early exit: none | confidence:TAU | "
                                               "agreement[:N] | gate[:THRESHOLD] | speculate:DxN (default: the "
                                               "artifact's calibrated policy)"),
+    loops: Optional[int] = typer.Option(None, "--loops", help="at most this many passes of the loop per token"),
     show_depths: bool = typer.Option(False, "--show-depths", help="print each token's loop passes to stderr"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (text + timings) instead of streaming"),
 ) -> None:
@@ -45,7 +47,7 @@ def run(
     model = edgeloop.load(path)
     config = model.generation_config(**_generation_options(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, seed=seed, stop=stop, truncate=truncate, exit=exit_policy))
+        repetition_penalty=repetition_penalty, seed=seed, stop=stop, truncate=truncate, exit=exit_policy, loops=loops))
     pieces = model.stream(prompt, config=config)
     first = next(pieces, None)  # the prompt is checked (tokenized, fitted) before anything is printed
     if as_json:
@@ -62,12 +64,70 @@ def run(
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()  # the text ends before the timings start on a shared terminal
-    loops = f" | mean loops {s.mean_loops:.2f}" if s.depths else ""
+    loops = f" | exit {s.exit_policy}, mean loops {s.mean_loops:.2f}" if s.depths else ""
+    if s.drafted:
+        loops += f", drafts accepted {s.accepted}/{s.drafted}"
     err.print(f"[dim]{s.prompt_tokens} prompt tokens, {s.new_tokens} new ({s.finish_reason}) | "
               f"time to first token {s.prefill_s * 1000:.1f} ms | prefill {s.prefill_tok_s:.1f} tok/s | "
               f"decode {s.decode_tok_s:.1f} tok/s{loops}[/]")
     if show_depths and s.depths:
         err.print(f"[dim]loop passes per token: {' '.join(map(str, s.depths))}[/]")
+
+
+@app.command()
+def calibrate(
+    path: Path = typer.Argument(..., help="artifact to calibrate (its edgeloop.json is updated)"),
+    text_file: Path = typer.Option(..., "--text", "-f", help="held-out UTF-8 text (not the training text)"),
+    max_kl: Optional[float] = typer.Option(None, help="mean KL(full depth || early exit) at most this"),
+    min_top1: Optional[float] = typer.Option(None, help="top-1 agreement with full depth at least this"),
+    max_ppl_increase: Optional[float] = typer.Option(None, help="perplexity at most this much higher (0.01 = +1%)"),
+    policy: str = typer.Option("auto", help="confidence | entropy | kl | agreement | gate | auto (every one, keep "
+                                            "the fewest loops)"),
+    kv_strategy: str = typer.Option("fill", help="what the depths a token skipped hold: fill (its exit state "
+                                                 "copied forward) | recursion (nothing; deeper depths see only "
+                                                 "positions that reached them)"),
+    tokens: int = typer.Option(4096, help="tokens of the text to use"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Pick the early-exit policy and threshold that meet a quality target, and store it in the artifact."""
+    import edgeloop
+    from edgeloop.fileio import read_text
+    from edgeloop.runtimes.calibrate import Target, calibrate as run_calibrate, store
+    from edgeloop.runtimes.exits import KV_STRATEGIES
+
+    if max_kl is None and min_top1 is None and max_ppl_increase is None:
+        raise EdgeloopError("give a quality target: --max-kl, --min-top1 and/or --max-ppl-increase")
+    for name, value, low, high in (("--max-kl", max_kl, 0, 100), ("--min-top1", min_top1, 0, 1),
+                                   ("--max-ppl-increase", max_ppl_increase, 0, 100)):
+        if value is not None and not low <= value <= high:
+            raise EdgeloopError(f"{name} must be in [{low}, {high}], got {value}")
+    if kv_strategy not in KV_STRATEGIES:
+        raise EdgeloopError(f"--kv-strategy must be one of {', '.join(KV_STRATEGIES)}, got {kv_strategy!r}")
+    kinds = ["confidence", "entropy", "kl", "agreement", "gate"] if policy == "auto" else [policy]
+    for kind in kinds:
+        if kind not in ("confidence", "entropy", "kl", "agreement", "gate"):
+            raise EdgeloopError(f"--policy must be confidence, entropy, kl, agreement, gate or auto, got {policy!r}")
+    if tokens < 64:
+        raise EdgeloopError(f"--tokens must be at least 64, got {tokens}")
+    text = read_text(text_file, "calibration text")
+    model = edgeloop.load(path)
+    if model.contract is None:
+        raise EdgeloopError(f"{path} is a model directory; calibrate a compiled artifact")
+    ids = np.asarray(model.tokenizer.encode(text)[:tokens], np.int64)
+    target = Target(max_kl, min_top1, max_ppl_increase)
+    result = run_calibrate(model, ids, target, policies=kinds, strategy=kv_strategy,
+                           progress=None if as_json else lambda m: err.print(f"[dim]{_escape(m)}[/]"))
+    store(path, result, kv_strategy, str(text_file))
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    m = result["measured"]
+    if m is None:
+        out.print(f"no exit policy met {result['target']} with fewer loops: kept full depth (exit none)")
+    else:
+        out.print(f"exit {result['policy']} ({kv_strategy}): {m['mean_loops']} loops of {model.backend.loops} per "
+                  f"token, mean KL {m['mean_kl']}, top-1 {m['top1_agreement']}, perplexity {m['perplexity']} "
+                  f"(full depth {m['perplexity_full']}); stored in {path}/edgeloop.json")
 
 
 @app.command()

@@ -25,10 +25,11 @@ class KVCache:
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
     length: int = 0
+    valid: list[torch.Tensor | None] = field(default_factory=list)  # per depth: positions that hold K/V
 
     @classmethod
     def empty(cls, num_depths: int) -> KVCache:
-        return cls([None] * num_depths, [None] * num_depths, 0)
+        return cls([None] * num_depths, [None] * num_depths, 0, [None] * num_depths)
 
     def write(self, d: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [b, kvh, t, hd] at positions [start, start + t) of depth d; the cache up to there."""
@@ -43,7 +44,20 @@ class KVCache:
                 store[d] = grown
         self.keys[d][:, :, start:end] = k
         self.values[d][:, :, start:end] = v
+        old = self.valid[d]
+        if old is None or old.shape[0] < self.keys[d].shape[2]:
+            grown = torch.zeros(self.keys[d].shape[2], dtype=torch.bool)
+            if old is not None:
+                grown[:old.shape[0]] = old
+            self.valid[d] = grown
+        self.valid[d][start:end] = True
         return self.keys[d][:, :, :end], self.values[d][:, :, :end]
+
+    def forget(self, start: int) -> None:
+        """Positions from `start` on hold nothing at any depth."""
+        for valid in self.valid:
+            if valid is not None:
+                valid[start:] = False
 
 
 class ReferenceModel(torch.nn.Module):
@@ -104,20 +118,38 @@ class ReferenceModel(torch.nn.Module):
             k = self._norm(k, self._vec(depth, "k_norm.weight"), None)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (b, heads, t, hd)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        valid = None
         if cache is not None:
             k, v = cache.write(depth.index, start, k, v)
+            valid = cache.valid[depth.index][: k.shape[2]]  # a position that left the loop earlier: nothing here
         rep = s.num_heads // s.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(s.head_dim)  # (b, h, t, seen)
-        qpos = torch.arange(start, start + t)[:, None]
-        kpos = torch.arange(k.shape[2])[None, :]
+        qpos = torch.arange(start, start + t, device=x.device)[:, None]
+        kpos = torch.arange(k.shape[2], device=x.device)[None, :]
         allowed = kpos <= qpos
+        if valid is not None:
+            allowed = allowed & valid[None, :]
         if s.sliding_window:
             allowed &= kpos > qpos - s.sliding_window
         scores = scores.masked_fill(~allowed, float("-inf"))
         out = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
         out = out.transpose(1, 2).reshape(bsz, t, s.q_size)
         return self._linear(out, depth, "o")
+
+    def kv_of(self, x: torch.Tensor, depth: Depth, start: int, cache: KVCache) -> None:
+        """Store at `depth` the K/V this layer computes from hidden states x (no attention): a token's
+        exit state copied forward to a depth it skipped."""
+        s = self.spec
+        bsz, t, _ = x.shape
+        h = self._layer_norm(x, depth, "input_norm")
+        k = self._linear(h, depth, "k").view(bsz, t, s.num_kv_heads, s.head_dim)
+        v = self._linear(h, depth, "v").view(bsz, t, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            k = self._norm(k, self._vec(depth, "k_norm.weight"), None)
+        cos, sin = self._rope_rows(start, t)
+        k = self._rope(k.transpose(1, 2), cos, sin)
+        cache.write(depth.index, start, k, v.transpose(1, 2))
 
     def _mlp(self, x: torch.Tensor, depth: Depth) -> torch.Tensor:
         if self.spec.gated_mlp:
@@ -147,7 +179,8 @@ class ReferenceModel(torch.nn.Module):
         return self.w["embed.weight"][input_ids] * self.spec.embed_scale
 
     def _rope_rows(self, start: int, t: int):
-        freqs = torch.arange(start, start + t, dtype=torch.float64)[:, None] * self.inv_freq[None, :]
+        freqs = torch.arange(start, start + t, dtype=torch.float64, device=self.inv_freq.device)[:, None] \
+            * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
@@ -191,6 +224,14 @@ class ReferenceModel(torch.nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """LM head on final-normed hidden states."""
         return h @ self.w.get("lm_head.weight", self.w["embed.weight"]).T
+
+    def to_device(self, device) -> ReferenceModel:
+        self.w = {k: v.to(device) for k, v in self.w.items()}
+        self.inv_freq = self.inv_freq.to(device)
+        return self
+
+    def exit_score_logit(self, h: torch.Tensor) -> torch.Tensor:
+        return (h @ self.w["exit_gate.weight"].T + self.w["exit_gate.bias"])[..., 0]
 
     def exit_score(self, h: torch.Tensor) -> torch.Tensor | None:
         """The learned exit gate's probability (Ouro) on final-normed hidden states, [.., t]."""
@@ -266,6 +307,19 @@ class ReferenceBackend:
 
     def rewind(self, state: ReferenceState, length: int) -> None:
         state.cache.length = min(state.cache.length, max(0, length))
+        state.cache.forget(state.cache.length)
+
+    def forget(self, state: ReferenceState, start: int) -> None:
+        state.cache.forget(start)
+
+    @torch.no_grad()
+    def kv_fill(self, rows) -> None:
+        passes = self.model.passes()
+        for r in rows:
+            start = r.state.length if r.position is None else r.position
+            x = torch.from_numpy(np.asarray(r.hidden, np.float32)).to(self.model.dtype)[None]
+            for depth in passes[r.depth]:
+                self.model.kv_of(x, depth, start, r.state.cache)
 
     def advance(self, state: ReferenceState, count: int) -> None:
         state.cache.length += int(count)

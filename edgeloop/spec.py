@@ -52,7 +52,8 @@ class ModelSpec:
     # and a learned exit gate Linear(hidden -> 1) scoring every pass.
     sandwich_norms: bool = False
     loop_norm: bool = False
-    exit_gate: bool = False
+    exit_gate: bool = False  # exit_gate.weight [1, H] + bias [1] on the normed state of every loop boundary
+    exit_threshold: float | None = None  # the checkpoint's own gate threshold (Ouro: early_exit_threshold)
 
     def __post_init__(self):
         if self.rotary_dim == 0:
@@ -89,8 +90,10 @@ class ModelSpec:
             raise EdgeloopError(f"invalid model config: sliding_window must be a positive integer, got {self.sliding_window!r}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
-        if self.exit_gate and not self.loop_norm:
-            raise EdgeloopError("invalid model config: an exit gate needs the loop norm (Ouro layout)")
+        if self.exit_threshold is not None and (isinstance(self.exit_threshold, bool)
+                                                or not isinstance(self.exit_threshold, (int, float))
+                                                or not 0 < self.exit_threshold <= 1):
+            raise EdgeloopError(f"invalid model config: the exit threshold must be in (0, 1], got {self.exit_threshold!r}")
 
     @property
     def q_size(self) -> int:

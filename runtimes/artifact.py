@@ -37,6 +37,8 @@ def describe_artifact(path: Path) -> dict:
     info[contract.backend] = {k: v for k, v in asdict(section).items() if k != "param_names"}
     if contract.options:
         info["options"] = contract.options
+    if contract.exit:
+        info["exit"] = asdict(contract.exit)
     for key in ("graph", "quality"):
         if getattr(contract, key):
             info[key] = getattr(contract, key)

@@ -51,6 +51,7 @@ ROLES = (
     "depth",  # per-row repeat index of the looped stage (host-driven block step)
     "positions",  # per-token positions (RoPE) given by the host (TVM block step)
     "slot",  # per-row KV pool slot of the block step
+    "kv_valid",  # per-row mask of the cached positions a row may attend to (block step)
     "kv_pool_key", "kv_pool_value",  # the block step's KV pools (kv = block position)
     "new_key", "new_value",  # K/V of the new tokens the host writes into its pools
     "exit_score",  # a learned exit gate's probability per position (when the model has one)
@@ -197,6 +198,16 @@ class TvmSection:
 
 
 @dataclass(frozen=True)
+class ExitSection:
+    """The early-exit policy a run uses unless it asks for another, and how it was chosen."""
+
+    __pydantic_config__ = _STRICT
+    policy: str  # "confidence:0.93", "gate:0.6", ... (runtimes/exits.py)
+    kv_strategy: str = "fill"  # what the depths a token skipped hold: fill | recursion
+    calibration: dict[str, Any] | None = None  # target, text, mean KL, top-1, perplexity, mean loops
+
+
+@dataclass(frozen=True)
 class FileEntry:
     __pydantic_config__ = _STRICT
     sha256: str
@@ -227,6 +238,7 @@ class Contract:
     graph: dict[str, Any] | None = None  # node / kernel statistics (inspect)
     kernels: tuple[str, ...] = ()  # TVM kernels (inspect, tests)
     options: dict[str, Any] | None = None  # the compile options (inspect, reproducibility)
+    exit: ExitSection | None = None  # the default early-exit policy (compile --exit, or edgeloop calibrate)
     manifest_sha256: str = ""
 
     # -- reading helpers ---------------------------------------------------------------------

@@ -27,17 +27,22 @@ class Slot:
 
 
 class KVPool:
-    def __init__(self, shapes: dict[str, tuple[int, ...]], *, head_dim: int, dtype, chunk: int, max_context: int):
-        """shapes: buffer name -> its mid dims (between the row axis and the capacity axis)."""
-        self.shapes, self.head_dim, self.dtype = shapes, head_dim, np.dtype(dtype)
+    def __init__(self, shapes: dict[str, tuple[int, ...]], *, head_dim: int, dtype, chunk: int, max_context: int,
+                 masks: dict[str, tuple[int, ...]] | None = None):
+        """shapes: buffer name -> its mid dims (between the row axis and the capacity axis); masks: boolean
+        buffers [rows, *mid, capacity] (which positions hold something)."""
+        self.masks = dict(masks or {})
+        self.shapes, self.head_dim, self.dtype = {**shapes, **self.masks}, head_dim, np.dtype(dtype)
         self.chunk, self.max_context = chunk, max_context
         self.rows = 0  # rows allocated
         self.capacity = 0
         self.slots: list[Slot] = []  # live sequences, by row
-        self.arrays = {name: self._alloc(name, 0, 0) for name in shapes}
+        self.arrays = {name: self._alloc(name, 0, 0) for name in self.shapes}
         self.generation = 0  # bumped whenever the arrays are reallocated (bindings must be rebuilt)
 
     def _alloc(self, name: str, rows: int, capacity: int) -> np.ndarray:
+        if name in self.masks:
+            return np.zeros((rows, *self.masks[name], capacity), dtype=bool)
         return np.zeros((rows, *self.shapes[name], capacity, self.head_dim), dtype=self.dtype)
 
     @property
@@ -60,11 +65,14 @@ class KVPool:
         if slot is None or slot.row < 0 or slot.row >= self.live or self.slots[slot.row] is not slot:
             return
         last = self.slots[-1]
+        freed = last.row
         if last is not slot:  # the last live row moves into the hole
             for arr in self.arrays.values():
                 arr[slot.row] = arr[last.row]
             self.slots[slot.row] = last
             last.row = slot.row
+        for name in self.masks:  # a row handed out again starts empty
+            self.arrays[name][freed] = False
         self.slots.pop()
         slot.row = -1
 
@@ -81,7 +89,10 @@ class KVPool:
         keep_rows, keep_cap = min(rows, self.rows), min(capacity, self.capacity)
         for name, old in self.arrays.items():
             new = self._alloc(name, rows, capacity)
-            new[:keep_rows, ..., :keep_cap, :] = old[:keep_rows, ..., :keep_cap, :]
+            if name in self.masks:
+                new[:keep_rows, ..., :keep_cap] = old[:keep_rows, ..., :keep_cap]
+            else:
+                new[:keep_rows, ..., :keep_cap, :] = old[:keep_rows, ..., :keep_cap, :]
             self.arrays[name] = new
         self.rows, self.capacity = rows, capacity
         self.generation += 1

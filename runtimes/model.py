@@ -31,6 +31,9 @@ class GenerationStats:
     dropped_prompt_tokens: int = 0  # --truncate: oldest prompt tokens left out
     seed: int | None = None
     depths: list[int] = field(default_factory=list)  # loop passes each generated token ran
+    exit_policy: str = "none"
+    drafted: int = 0  # self-speculation: draft tokens proposed / accepted
+    accepted: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -49,7 +52,10 @@ class GenerationStats:
         out = {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
                "time_to_first_token_s": round(self.prefill_s, 5), "prefill_tok_s": round(self.prefill_tok_s, 2),
                "decode_tok_s": round(self.decode_tok_s, 2), "finish_reason": self.finish_reason, "seed": self.seed,
-               "mean_loops": round(self.mean_loops, 4), "depths": list(self.depths)}
+               "mean_loops": round(self.mean_loops, 4), "depths": list(self.depths), "exit": self.exit_policy}
+        if self.drafted:
+            out["speculation"] = {"drafted": self.drafted, "accepted": self.accepted,
+                                  "acceptance": round(self.accepted / self.drafted, 4)}
         if self.dropped_prompt_tokens:
             out["dropped_prompt_tokens"] = self.dropped_prompt_tokens
         return out
@@ -65,6 +71,9 @@ class Model:
         self._tokenizer_section, self._template = tokenizer, template
         self._tokenizer: Tokenizer | None = None
         self.last_stats: GenerationStats | list[GenerationStats] = GenerationStats()
+        exit_section = getattr(contract, "exit", None)
+        self.default_exit = exit_section.policy if exit_section else "none"
+        self.kv_strategy = exit_section.kv_strategy if exit_section else "fill"  # see runtimes/stepping.py
 
     @property
     def description(self) -> dict:
@@ -148,6 +157,20 @@ class Model:
 
     # -- internals -------------------------------------------------------------------------
 
+    def exit_policy(self, config: GenerationConfig):
+        """The request's exit policy (its own, else the artifact's calibrated one), validated."""
+        from edgeloop.runtimes.exits import parse_policy
+
+        spec = self.contract.model if self.contract is not None else getattr(self.backend, "model", None).spec
+        gate_threshold = getattr(spec, "exit_threshold", None)
+        policy = parse_policy(config.exit if config.exit is not None else self.default_exit, loops=self.backend.loops,
+                              gate=spec.exit_gate, gate_threshold=gate_threshold)
+        if (policy.kind != "none" or config.loops is not None) and not self.backend.host_loop:
+            from edgeloop.runtimes.stepping import check_host_backend
+
+            check_host_backend(self.backend)
+        return policy
+
     def _request(self, prompt, config: GenerationConfig, *, text: bool = True) -> Request:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
@@ -159,10 +182,13 @@ class Model:
                 raise EdgeloopError("the prompt is empty and the model has no BOS token to start from")
             ids = [bos]
         ids, dropped = self._fit_context(ids, config)
+        policy = self.exit_policy(config)
         request = Request(ids, config, Sampler(config), self._eos_ids(config),
-                          TextStream(self.tokenizer, config.stop) if text else None)
+                          TextStream(self.tokenizer, config.stop) if text else None, policy=policy,
+                          strategy=self.kv_strategy)
         request.stats.dropped_prompt_tokens = dropped
         request.stats.seed = request.sampler.seed
+        request.stats.exit_policy = str(policy) + (f", at most {config.loops} loops" if config.loops else "")
         return request
 
     def _fit_context(self, ids: list[int], config: GenerationConfig) -> tuple[list[int], int]:
@@ -183,7 +209,7 @@ class Model:
         return set(self._tokenizer_section.eos_token_ids)
 
     def _run_streaming(self, request: Request) -> Iterator[str]:
-        state = self.backend.new_state()
+        state = self.backend.new_state(host=request.host)
         try:
             yield from request.run_alone(self.backend, state)
         finally:
@@ -191,24 +217,51 @@ class Model:
 
     def _run_batch(self, requests: list[Request]) -> None:
         """All requests step together: one prefill call, then one call per token for every live row."""
-        self.backend.reserve(len(requests))
-        states = [self.backend.new_state() for _ in requests]
+        spec = [r for r in requests if r.policy.kind == "speculate"]
+        batch = [r for r in requests if r.policy.kind != "speculate"]
+        for r in spec:  # self-speculation verifies one stream's drafts at a time
+            for _ in self._run_streaming(r):
+                pass
+        if not batch:
+            return
+        self.backend.reserve(len(batch))
+        states = [self.backend.new_state(host=r.host) for r in batch]
         try:
             start = time.perf_counter()
-            outs = self.backend.step([Row(s, np.asarray(r.prompt, np.int64)) for s, r in zip(states, requests)])
+            outs = run_rows(self.backend, [(r, s, r.prompt) for r, s in zip(batch, states)])
             live = []
-            for r, s, o in zip(requests, states, outs):
+            for r, s, o in zip(batch, states, outs):
                 r.begin(start)
                 if r.accept(o, s, self.backend.max_context):
                     live.append((r, s))
             while live:
-                outs = self.backend.step([Row(s, np.asarray([r.generated[-1]], np.int64)) for r, s in live])
+                outs = run_rows(self.backend, [(r, s, [r.generated[-1]]) for r, s in live])
                 live = [(r, s) for (r, s), o in zip(live, outs) if r.accept(o, s, self.backend.max_context)]
         finally:
             for s in states:
                 self.backend.release(s)
-        for r in requests:
+        for r in batch:
             r.finish()
+
+
+def run_rows(backend, items: list) -> list:
+    """One step of (request, state, tokens) rows: fused rows in one fused call, host-driven rows (exit
+    policies, loop caps) through the host loop together."""
+    from edgeloop.runtimes.stepping import StepRow, host_step
+
+    out: list = [None] * len(items)
+    fused = [i for i, (r, _, _) in enumerate(items) if not r.host]
+    host = [i for i, (r, _, _) in enumerate(items) if r.host]
+    if fused:
+        for i, o in zip(fused, backend.step([Row(items[i][1], np.asarray(items[i][2], np.int64)) for i in fused])):
+            out[i] = o
+    if host:
+        rows = [StepRow(items[i][1], np.asarray(items[i][2], np.int64), exit=items[i][0].token_exit(len(items[i][2])),
+                        cap=items[i][0].config.loops) for i in host]
+        strategy = items[host[0]][0].strategy
+        for i, o in zip(host, host_step(backend, rows, strategy=strategy)):
+            out[i] = o
+    return out
 
 
 def _finite(logits: np.ndarray) -> np.ndarray:
@@ -227,6 +280,8 @@ class Request:
     sampler: Sampler
     eos: set[int]
     text_stream: TextStream | None
+    policy: object = None  # runtimes.exits.ExitPolicy
+    strategy: str = "fill"
     generated: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -241,13 +296,28 @@ class Request:
     def text(self) -> str:
         return "".join(self.pieces)
 
+    @property
+    def host(self) -> bool:
+        """Runs on the host-driven loop (an exit policy or a loop cap), not the fused graph."""
+        return (self.policy is not None and self.policy.kind != "none") or self.config.loops is not None
+
+    def token_exit(self, tokens: int):
+        """The exit memory of a decode token (prompts run every pass)."""
+        from edgeloop.runtimes.exits import TokenExit
+
+        return TokenExit(self.policy) if tokens == 1 and self.policy is not None and self.policy.exits else None
+
     def begin(self, t0: float) -> None:
         self._t0 = t0
 
     def accept(self, out, state, max_context: int) -> bool:
         """Sample from a step's output; False when the request is finished."""
-        c, stats = self.config, self.stats
         token = self.sampler(out.logits[-1], self.prompt + self.generated)
+        return self.push(token, int(out.depth), state, max_context)
+
+    def push(self, token: int, depth: int, state, max_context: int) -> bool:
+        """Take one generated token (ran `depth` passes); False when the request is finished."""
+        c, stats = self.config, self.stats
         now = time.perf_counter()
         if not self.generated and not stats.new_tokens:
             stats.prefill_s = now - self._t0
@@ -260,7 +330,7 @@ class Request:
             return self._stop("eos")
         self.generated.append(token)
         stats.new_tokens += 1
-        stats.depths.append(int(out.depth))
+        stats.depths.append(depth)
         if self.text_stream is not None:
             piece = self.text_stream.push(token)
             if piece:
@@ -271,6 +341,19 @@ class Request:
             return self._stop("length")
         if state.length >= max_context:
             return self._stop("context")
+        return True
+
+    def _speculate(self, backend, state) -> bool:
+        from edgeloop.runtimes.stepping import speculate
+
+        budget = min(self.config.max_new_tokens - len(self.generated), backend.max_context - state.length - 1)
+        tokens, passes, counts = speculate(backend, state, self.generated[-1], self.policy, self.sampler,
+                                           self.prompt + self.generated, budget=max(1, budget))
+        self.stats.drafted += counts.drafted
+        self.stats.accepted += counts.accepted
+        for token, depth in zip(tokens, passes):
+            if not self.push(token, depth, state, backend.max_context):
+                return False
         return True
 
     def _stop(self, reason: str) -> bool:
@@ -289,16 +372,20 @@ class Request:
     def run_alone(self, backend, state) -> Iterator[str]:
         """Generate with this request alone on `state` (already holding any reused prefix), yielding text."""
         self.begin(time.perf_counter())
-        out = backend.step([Row(state, np.asarray(self.prompt, np.int64))])[0]
+        out = run_rows(backend, [(self, state, self.prompt)])[0]
         emitted = 0
+        live = self.accept(out, state, backend.max_context)
         while True:
-            live = self.accept(out, state, backend.max_context)
             while emitted < len(self.pieces):
                 yield self.pieces[emitted]
                 emitted += 1
             if not live:
                 break
-            out = backend.step([Row(state, np.asarray([self.generated[-1]], np.int64))])[0]
+            if self.policy is not None and self.policy.kind == "speculate":
+                live = self._speculate(backend, state)
+            else:
+                out = run_rows(backend, [(self, state, [self.generated[-1]])])[0]
+                live = self.accept(out, state, backend.max_context)
         self.finish()
         while emitted < len(self.pieces):
             yield self.pieces[emitted]

@@ -128,6 +128,7 @@ class OrtBackend:
 
     def rewind(self, state: OrtState, length: int) -> None:
         state.length = min(state.length, max(0, int(length)))
+        self.forget(state, state.length)
 
     def advance(self, state: OrtState, count: int) -> None:
         state.length += int(count)
@@ -272,8 +273,9 @@ class OrtBackend:
             shapes = {}
             for k in positions:
                 shapes[f"k.{k}"] = shapes[f"v.{k}"] = (reps, kv.kv_heads)
+            # valid[row, depth, position]: the token at that position reached that depth (its KV is there)
             self._host_pool = KVPool(shapes, head_dim=kv.head_dim, dtype=self.dtype, chunk=kv.capacity_chunk,
-                                     max_context=kv.max_context)
+                                     max_context=kv.max_context, masks={"valid": (reps,)})
             self._block_positions = positions
         return self._host_pool
 
@@ -301,9 +303,14 @@ class OrtBackend:
         for i, r in enumerate(rows):
             hidden[i, :lengths[i]] = r.hidden
         reps = self.loops
+        valid = pool.arrays["valid"]
+        mask = valid[[r.state.slot.row for r in rows], [r.depth for r in rows]]  # [b, capacity]
+        for i, start in enumerate(starts):
+            mask[i, start:] = False  # positions from this call on are the new tokens' own (causal part)
         feeds = {ep.named("hidden"): hidden, ep.named("depth"): np.array([r.depth for r in rows], np.int64),
                  ep.named("past_len"): np.array(starts, np.int64),
-                 ep.named("slot"): np.array([r.state.slot.row * reps + r.depth for r in rows], np.int64)}
+                 ep.named("slot"): np.array([r.state.slot.row * reps + r.depth for r in rows], np.int64),
+                 ep.named("kv_valid"): mask}
         for k in self._block_positions:
             for kind in ("key", "value"):
                 arr = pool.arrays[f"{kind[0]}.{k}"]
@@ -311,12 +318,40 @@ class OrtBackend:
         names = [ep.named("hidden", output=True)] + [ep.named(f"new_{kind}", k, output=True)
                                                       for k in self._block_positions for kind in ("key", "value")]
         outs = self._session("block").run(names, feeds)
+        self._store(rows, starts, lengths, outs[1:])
+        return [outs[0][i, :t] for i, t in enumerate(lengths)]
+
+    def _store(self, rows: Sequence[BlockRow], starts: list[int], lengths: list[int], new_kv: list) -> None:
+        """Write the new K/V [b, kvh, t, hd] of every block position into the rows' slots, mark them valid."""
+        pool = self._host_pool
         for j, k in enumerate(self._block_positions):
-            for kind, new in zip(("key", "value"), outs[1 + 2 * j:3 + 2 * j]):
+            for kind, new in zip(("key", "value"), new_kv[2 * j:2 * j + 2]):
                 buf = pool.arrays[f"{kind[0]}.{k}"]
                 for i, r in enumerate(rows):
                     buf[r.state.slot.row, r.depth, :, starts[i]:starts[i] + lengths[i]] = new[i, :, :lengths[i]]
-        return [outs[0][i, :t] for i, t in enumerate(lengths)]
+        valid = pool.arrays["valid"]
+        for i, r in enumerate(rows):
+            valid[r.state.slot.row, r.depth, starts[i]:starts[i] + lengths[i]] = True
+
+    def kv_fill(self, rows: Sequence[BlockRow]) -> None:
+        """Store at each row's depth the K/V computed from the hidden states it is given (a token's exit
+        state copied forward to a depth it skipped)."""
+        ep, pool = self.contract.entry("kv_fill"), self._pool_for_host()
+        lengths = [len(r.hidden) for r in rows]
+        starts = [r.state.length if r.position is None else r.position for r in rows]
+        pool.reserve(max(s + t for s, t in zip(starts, lengths)))
+        hidden = np.zeros((len(rows), max(lengths), self.hidden_size), self.dtype)
+        for i, r in enumerate(rows):
+            hidden[i, :lengths[i]] = r.hidden
+        feeds = {ep.named("hidden"): hidden, ep.named("depth"): np.array([r.depth for r in rows], np.int64),
+                 ep.named("past_len"): np.array(starts, np.int64)}
+        names = [ep.named(f"new_{kind}", k, output=True) for k in self._block_positions for kind in ("key", "value")]
+        self._store(rows, starts, lengths, self._session("kv_fill").run(names, feeds))
+
+    def forget(self, state: OrtState, start: int) -> None:
+        """Positions from `start` on hold nothing at any depth (a rewind, rejected draft tokens)."""
+        if state.host and state.slot is not None:
+            self._host_pool.arrays["valid"][state.slot.row, :, start:] = False
 
     def head(self, hidden: Sequence[np.ndarray]) -> list[RowOutput]:
         ep = self.contract.entry("epilogue")

@@ -105,6 +105,7 @@ class GenerationConfig:
     ignore_eos: bool = False
     truncate: bool = False  # drop the oldest prompt tokens instead of failing when the prompt is too long
     exit: str | None = None  # early-exit policy for this request ("none", "confidence:0.9", ...); None: the artifact's
+    loops: int | None = None  # at most this many passes of the loop per token (None: all)
 
     def __post_init__(self):
         self.validate()
@@ -131,6 +132,8 @@ class GenerationConfig:
                 raise EdgeloopError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.exit is not None and not isinstance(self.exit, str):
             raise EdgeloopError(f"exit must be a policy string such as 'none' or 'confidence:0.9', got {self.exit!r}")
+        if self.loops is not None:
+            _number("loops", self.loops, low=1, high=1 << 16, integer=True)
 
     @classmethod
     def from_defaults(cls, defaults, **overrides) -> GenerationConfig:
@@ -190,7 +193,18 @@ class Sampler:
         self.seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.rng = Xoshiro256(self.seed)
 
+    @property
+    def greedy(self) -> bool:
+        return self.config.temperature == 0 or self.config.top_k == 1
+
     def __call__(self, logits: np.ndarray, history=()) -> int:
+        logits = self._penalized(logits, history)
+        if self.greedy:
+            return int(np.argmax(logits))
+        ids, p = self._filtered(logits)
+        return self._draw(ids, p)
+
+    def _penalized(self, logits: np.ndarray, history) -> np.ndarray:
         c = self.config
         logits = np.asarray(logits, dtype=np.float32)
         if not np.isfinite(logits).all():
@@ -202,8 +216,11 @@ class Sampler:
             vals = logits[seen]
             penalty = np.float32(c.repetition_penalty)
             logits[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
-        if c.temperature == 0 or c.top_k == 1:
-            return int(np.argmax(logits))
+        return logits
+
+    def _filtered(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(kept ids ascending, their unnormalized probabilities) after temperature, top-k, top-p, min-p."""
+        c = self.config
         z = logits.astype(np.float64) / c.temperature
         vocab = z.size
         if 0 < c.top_k < vocab:
@@ -221,7 +238,40 @@ class Sampler:
         if c.min_p > 0:
             keep = p >= c.min_p
             ids, p = ids[keep], p[keep]
+        return ids, p
+
+    def _draw(self, ids: np.ndarray, p: np.ndarray) -> int:
         running = np.cumsum(p)
         target = self.rng.uniform() * running[-1]
         pick = int(np.searchsorted(running, target, side="right"))
         return int(ids[min(pick, ids.size - 1)])
+
+    # -- self-speculation: a draft from shallow logits, judged by the full model's ------------------
+
+    def draft(self, logits: np.ndarray, history) -> int:
+        return self(logits, history)
+
+    def verify(self, full: np.ndarray, draft: np.ndarray, token: int, history) -> tuple[bool, int]:
+        """(accepted, token to emit). Greedy: the draft stands when it is the full model's argmax, else the
+        argmax replaces it. Sampling: the standard rejection rule — accept with probability
+        min(1, p(token) / q(token)), else draw from max(0, p - q) normalized — so the tokens follow the
+        full model's distribution p whatever the draft distribution q."""
+        full = self._penalized(full, history)
+        if self.greedy:
+            top = int(np.argmax(full))
+            return top == token, top
+        p = self._dense(full)
+        q = self._dense(self._penalized(draft, history))
+        if q[token] > 0 and self.rng.uniform() * q[token] < p[token]:
+            return True, token
+        residual = np.maximum(p - q, 0.0)
+        if residual.sum() <= 0:
+            residual = p
+        ids = np.nonzero(residual)[0]
+        return False, self._draw(ids, residual[ids])
+
+    def _dense(self, logits: np.ndarray) -> np.ndarray:
+        ids, p = self._filtered(logits)
+        out = np.zeros(logits.size, np.float64)
+        out[ids] = p / np.cumsum(p)[-1]
+        return out

@@ -93,6 +93,7 @@ class TvmBackend:
         self.host_loop = contract.loop.host_loop and "block" in contract.entry_points
         self._chunk, self._page = kv.prefill_chunk, kv.page_size
         self._token_dtype = np.dtype(section.token_dtype)
+        self._float = np.dtype(kv.dtype)
         self._fn = {name: self._function(name) for name in contract.entry_points if not name.startswith("create")}
         builtin = tvm.get_global_func
         self._add_sequence = builtin("vm.builtin.kv_state_add_sequence")
@@ -162,11 +163,7 @@ class TvmBackend:
         if state.group is None or length >= state.length:
             return
         if state.host:
-            for depth, positions in enumerate(state.written):
-                drop = sum(1 for p in positions if p >= length)
-                if drop:
-                    self._popn(state.group.kv, state.group.seq(state.slot, depth), drop)
-                    del positions[len(positions) - drop:]
+            self.forget(state, length)
         else:
             self._popn(state.group.kv, state.group.seq(state.slot), state.length - length)
         state.length = length
@@ -248,6 +245,23 @@ class TvmBackend:
         return np.split(hidden, np.cumsum(lengths)[:-1])
 
     def block(self, rows: Sequence[BlockRow]) -> list[np.ndarray]:
+        return self._host_call("block", rows)
+
+    def kv_fill(self, rows: Sequence[BlockRow]) -> None:
+        """Append at each row's depth the K/V computed from the hidden states it is given (a token's exit
+        state copied forward to a depth it skipped)."""
+        self._host_call("kv_fill", rows)
+
+    def forget(self, state: TvmState, start: int) -> None:
+        """Positions from `start` on hold nothing at any depth (rejected draft tokens)."""
+        if state.host and state.group is not None:
+            for depth, positions in enumerate(state.written):
+                drop = sum(1 for p in positions if p >= start)
+                if drop:
+                    self._popn(state.group.kv, state.group.seq(state.slot, depth), drop)
+                    del positions[len(positions) - drop:]
+
+    def _host_call(self, entry: str, rows: Sequence[BlockRow]) -> list[np.ndarray]:
         tvm = self._tvm
         out: list[np.ndarray | None] = [None] * len(rows)
         by_group: dict[int, list[int]] = {}
@@ -276,20 +290,21 @@ class TvmBackend:
                 pos += list(range(start, start + t))
             if max(pos) >= self.max_context:
                 raise EdgeloopError(f"{max(pos) + 1} tokens exceed the artifact's context of {self.max_context}")
-            x = np.concatenate([np.asarray(rows[i].hidden, np.float32) for i in members])
+            x = np.concatenate([np.asarray(rows[i].hidden, self._float) for i in members])
             self._begin(group.kv, tvm.runtime.ShapeTuple(seqs), tvm.runtime.ShapeTuple(lengths))
             try:
-                y = self._call("block", self._tensor(x), group.kv, self._tensor(np.asarray(depth, np.int32)),
-                               self._tensor(np.asarray(pos, np.int32)), self.params).numpy()
+                y = self._call(entry, self._tensor(x), group.kv, self._tensor(np.asarray(depth, np.int32)),
+                               self._tensor(np.asarray(pos, np.int32)), self.params)
             finally:
                 self._end(group.kv)
-            for i, part in zip(members, np.split(y, np.cumsum(lengths)[:-1])):
-                out[i] = part
+            if entry == "block":
+                for i, part in zip(members, np.split(y.numpy(), np.cumsum(lengths)[:-1])):
+                    out[i] = part
         return out
 
     def head(self, hidden: Sequence[np.ndarray]) -> list[RowOutput]:
         lengths = [len(h) for h in hidden]
-        x = np.concatenate([np.asarray(h, np.float32) for h in hidden])
+        x = np.concatenate([np.asarray(h, self._float) for h in hidden])
         res = self._call("epilogue", self._tensor(x), self.params)
         gated = self.contract.entry("epilogue").has("exit_score", output=True)
         logits = (res[0] if gated else res).numpy()
