@@ -189,7 +189,11 @@ def test_debug_dump_writes_every_pass(converted, tmp_path):
     assert passes == [f"00-build"] + [f"{i:02d}-{name}" for i, (name, _) in enumerate(PASSES, start=1)]
     for p in passes:
         files = sorted(f.name for f in (tmp_path / "dump" / p).iterdir())
-        assert files == ["block.txt", "epilogue.txt", "forward.txt", "prologue.txt"]
+        assert files == ["block.txt", "epilogue.txt", "forward.txt", "kv_fill.txt", "prologue.txt"]
     quantized = (tmp_path / "dump" / "01-quantize" / "forward.txt").read_text()
     assert "MatMulNBits" in quantized and "MatMulNBits" not in (tmp_path / "dump" / "00-build" / "forward.txt").read_text()
     assert not (tmp_path / "a" / "debug").exists()  # the artifact holds only what runs
+    pytest.importorskip("tvm")
+    edgeloop.compile(md, tmp_path / "t", backend="tvm", debug_dump=str(tmp_path / "tdump"))
+    dumped = sorted(p.name for p in (tmp_path / "tdump").iterdir())
+    assert dumped[0] == "000-built.py" and len(dumped) > 20 and any("LegalizeOps" in n for n in dumped)

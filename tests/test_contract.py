@@ -84,7 +84,7 @@ def test_drivers_take_names_from_the_contract(artifacts):
         names |= _names(C.load(path))
         names |= {e.symbol for e in C.load(path).entry_points.values()}
         names |= set(C.load(path).files)
-    names -= set(C.ROLES) | {"forward", "decode", "prologue", "block", "epilogue", "create_kv_cache",
+    names -= set(C.ROLES) | {"forward", "decode", "prologue", "block", "kv_fill", "epilogue", "create_kv_cache",
                              "create_step_kv_cache"}
     assert {"model.onnx", "weights.onnx.data", "past_key.d0", "logit_positions", "kv_pool_key.k0"} & names
     for driver in ("ort.py", "tvm.py"):
@@ -131,11 +131,12 @@ def _all_nodes(graph):
 
 def test_contract_describes_the_entry_points(artifacts):
     c = C.load(artifacts["unrolled"])
-    assert set(c.entry_points) == {"forward", "prologue", "block", "epilogue"}
+    assert set(c.entry_points) == {"forward", "prologue", "block", "kv_fill", "epilogue"}
     assert c.loop.host_loop and c.loop.loops == 2 and c.kv.kind == "host" and c.kv.inplace
     block = c.entry("block")
     roles = {t.role for t in block.inputs}
     assert {"hidden", "depth", "past_len", "slot", "kv_pool_key", "kv_pool_value"} <= roles
     if "tvm" in artifacts:
         t = C.load(artifacts["tvm"])
-        assert t.kv.kind == "paged" and {"forward", "decode", "block", "create_step_kv_cache"} <= set(t.entry_points)
+        assert t.kv.kind == "paged" and {"forward", "decode", "block", "kv_fill", "create_step_kv_cache"} \
+            <= set(t.entry_points)
