@@ -82,6 +82,9 @@ def _exit_section(model, options, result: BackendResult):
     from edgeloop.runtimes.contract import ExitSection
     from edgeloop.runtimes.exits import parse_policy
 
+    spec = model.spec
+    if not options.exit and spec.exit_gate and spec.exit_threshold is not None and spec.exit_threshold < 1:
+        return ExitSection(f"gate:{spec.exit_threshold:g}", "fill", {"source": "the checkpoint's own exit threshold"})
     if not options.exit or options.exit == "none":
         return None
     if not result.loop.host_loop:

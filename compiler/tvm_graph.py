@@ -35,7 +35,7 @@ from tvm.relax.utils import gen_call_tir_inputs
 from edgeloop.compiler import tvm_ops as ops
 from edgeloop.compiler import tvm_gpu_schedule as gsched
 from edgeloop.compiler import tvm_schedule as sched
-from edgeloop.compiler.block_layout import groups
+from edgeloop.compiler.block_layout import LayerPlan, groups
 from edgeloop.compiler.tvm_params import ParamTable
 from edgeloop.spec import ModelSpec, Recursion
 KV_CACHE_ARGS = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window")
@@ -241,12 +241,18 @@ class GraphBuilder:
     # -- one layer -------------------------------------------------------------------------
 
     def _layer(self, scope: Scope, x, u: int, r, layer_id) -> relax.Var:
-        pre = f"blocks.{u}"
+        """One layer, its norms and residual adds where `block_layout.LayerPlan` puts them."""
+        pre, plan = f"blocks.{u}", LayerPlan.of(self.spec)
         h = self._norm(scope, x, f"{pre}.input_norm", r)
-        if self.spec.parallel_residual:  # GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)
+        if plan.parallel_residual:  # GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)
             attn = self._attention(scope, h, u, r, layer_id, residual=x)
             h2 = self._norm(scope, x, f"{pre}.post_norm", r)
             return self._mlp(scope, h2, u, r, residual=attn)
+        if plan.sandwich:  # Ouro: x + norm(attn(norm x)), then the same around the MLP
+            attn = self._attention(scope, h, u, r, layer_id, residual=None)
+            x = self._norm(scope, attn, f"{pre}.attn_out_norm", r, residual=x)
+            mlp = self._mlp(scope, self._norm(scope, x, f"{pre}.post_norm", r), u, r, residual=None)
+            return self._norm(scope, mlp, f"{pre}.mlp_out_norm", r, residual=x)
         x = self._attention(scope, h, u, r, layer_id, residual=x)
         h2 = self._norm(scope, x, f"{pre}.post_norm", r)
         return self._mlp(scope, h2, u, r, residual=x)
@@ -335,13 +341,14 @@ class GraphBuilder:
         block = kdim // int(self.params.shape(f"{prefix}.Ws")[-2])
         return self._param(scope, f"{prefix}.Wq"), scales, zeros, {"block": block}
 
-    def _norm(self, scope: Scope, x, prefix: str, r, *, pick=None, apply: bool = True) -> relax.Var:
-        """The norm of the rows of x (or of the rows `pick`; apply=False only gathers them)."""
+    def _norm(self, scope: Scope, x, prefix: str, r, *, pick=None, apply: bool = True, residual=None) -> relax.Var:
+        """The norm of the rows of x (or of the rows `pick`; apply=False only gathers them), plus a residual."""
         s = self.spec
         w = self._param(scope, f"{prefix}.weight")
         b = self._param(scope, f"{prefix}.bias") if s.norm_has_bias else None
         name = ("layer_norm" if s.norm == "layer" else "rms_norm") if apply else "gather_rows"
-        return self._op(name, ops.norm, [x, w, b, r, pick], dict(kind=s.norm if apply else "none", eps=s.norm_eps),
+        return self._op(name, ops.norm, [x, w, b, r, pick, residual],
+                        dict(kind=s.norm if apply else "none", eps=s.norm_eps),
                         scope, lambda sch: sched.schedule_rows(sch, out="norm", producers=("sumsq", "sum"),
                                                                decode=scope.decode))
 

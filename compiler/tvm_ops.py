@@ -166,9 +166,10 @@ def _dense_part(x, w, w_scale, w_zero, bias, lora_t, lora_b, residual, r, lo: in
                       name="epilogue" + suffix)
 
 
-def norm(x, w, b, r, pick, *, kind: str, eps: float):
+def norm(x, w, b, r, pick, residual=None, *, kind: str, eps: float):
     """RMSNorm / LayerNorm over the last axis with the repeat-r weights, of every row of x or of the
-    rows `pick` [n] (the positions whose logits are wanted); kind "none" only gathers the rows."""
+    rows `pick` [n] (the positions whose logits are wanted); kind "none" only gathers the rows.
+    residual: added after the norm (Ouro's sandwich norms: x + norm(sublayer output))."""
     s, h = x.shape
     rows = s if pick is None else pick.shape[0]
 
@@ -178,16 +179,18 @@ def norm(x, w, b, r, pick, *, kind: str, eps: float):
     if kind == "none":
         return te.compute((rows, h), lambda i, c: _out(xr(i, c), x.dtype), name="norm")
     rep = lambda i: _rep(r, i)  # noqa: E731
+    add = (lambda i, c, v: v) if residual is None else (lambda i, c, v: v + _f32(residual[i, c]))  # noqa: E731
     k = te.reduce_axis((0, h), name="k")
     if kind == "rms":
         ss = te.compute((rows,), lambda i: te.sum(xr(i, k) * xr(i, k), axis=k), name="sumsq")
-        return te.compute((rows, h), lambda i, c: _out(xr(i, c) * tirx.rsqrt(ss[i] / h + eps) * _f32(w[rep(i), c]),
-                                                       x.dtype), name="norm")
+        return te.compute((rows, h), lambda i, c: _out(add(i, c, xr(i, c) * tirx.rsqrt(ss[i] / h + eps)
+                                                           * _f32(w[rep(i), c])), x.dtype), name="norm")
     mean = te.compute((rows,), lambda i: te.sum(xr(i, k), axis=k), name="sum")
     k2 = te.reduce_axis((0, h), name="k2")
     var = te.compute((rows,), lambda i: te.sum((xr(i, k2) - mean[i] / h) * (xr(i, k2) - mean[i] / h), axis=k2), name="sumsq")
-    return te.compute((rows, h), lambda i, c: _out((xr(i, c) - mean[i] / h) * tirx.rsqrt(var[i] / h + eps)
-                                                   * _f32(w[rep(i), c]) + _f32(b[rep(i), c]), x.dtype), name="norm")
+    return te.compute((rows, h), lambda i, c: _out(add(i, c, (xr(i, c) - mean[i] / h) * tirx.rsqrt(var[i] / h + eps)
+                                                           * _f32(w[rep(i), c]) + _f32(b[rep(i), c])), x.dtype),
+                      name="norm")
 
 
 def qk_rope(qkv, cos, sin, pos, q_norm, k_norm, r, *, heads: int, kv_heads: int, head_dim: int,

@@ -158,7 +158,7 @@ def read_hf_checkpoint(path: Path) -> HFCheckpoint:
         return source.transform(*arrays) if source.transform else arrays[0]
 
     globals_ = {name: fetch(src) for name, src in wmap.globals.items()}
-    layers = [{name: fetch(src, i) for name, src in wmap.layer.items()} for i in range(spec.num_layers)]
+    layers = [{name: fetch(src, i) for name, src in wmap.layer.items()} for i in range(spec.stored_layers)]
     if spec.tie_embeddings:
         used.add("lm_head.weight")  # some tied checkpoints store a copy; the embedding wins
     unused = [n for n in raw if n not in used and not n.endswith(wmap.ignore_suffixes)]
@@ -235,8 +235,15 @@ class ModelDir:
 
 
 def vanilla_recursion(spec: ModelSpec) -> Recursion:
-    return Recursion(sharing="none", loops=1, init="lower", stages=(Stage(tuple(range(spec.num_layers)), 1),),
-                     lora_ranks={}, per_depth_vectors=False, source_layers=tuple(range(spec.num_layers)))
+    """The checkpoint's own structure: L layers once, or — natively looped (Ouro) — its layers looped
+    native_loops times, one KV slot per (loop, layer), no LoRA."""
+    layers = tuple(range(spec.stored_layers))
+    if spec.native_loops > 1:
+        return Recursion(sharing="cycle", loops=spec.native_loops, init="lower",
+                         stages=(Stage(layers, spec.native_loops),), lora_ranks={}, per_depth_vectors=False,
+                         source_layers=layers)
+    return Recursion(sharing="none", loops=1, init="lower", stages=(Stage(layers, 1),),
+                     lora_ranks={}, per_depth_vectors=False, source_layers=layers)
 
 
 def read_model_config(path: Path) -> dict:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeloop.checkpoint import generation_defaults, read_hf_checkpoint, write_model_dir
+from edgeloop.errors import EdgeloopError
 from edgeloop.fileio import atomic_output_dir, check_output, read_text
 from edgeloop.params import ParamCounts, count_params
 from edgeloop.recursion import RankChoice, build_recursive, parse_rank
@@ -38,6 +39,19 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
 
 
+def native_recursion(ckpt, options: ConvertOptions):
+    from edgeloop.checkpoint import vanilla_recursion
+
+    steps = ckpt.spec.native_loops
+    if options.loops not in (1, steps) or parse_rank(options.lora_rank) not in (0, None):
+        raise EdgeloopError(f"{ckpt.path} is already looped {steps} times ({ckpt.spec.family}); convert keeps its own "
+                            "loop (pass no --loops and no --lora-rank)")
+    tensors = dict(ckpt.globals)
+    for i, layer in enumerate(ckpt.layers):
+        tensors.update({f"blocks.{i}.{k}": v for k, v in layer.items()})
+    return vanilla_recursion(ckpt.spec), tensors
+
+
 def convert(hf_dir: str | Path, out: str | Path, options: ConvertOptions | None = None, *, overwrite: bool = False,
             progress: bool = False, **kwargs) -> ConvertResult:
     """Convert `hf_dir` into an edgeloop model dir at `out` (written atomically).
@@ -54,9 +68,13 @@ def convert(hf_dir: str | Path, out: str | Path, options: ConvertOptions | None 
         from edgeloop.runtimes.tokenizer import resolve_tokenizer
 
         resolve_tokenizer(hf_dir, generation, ckpt.spec.vocab_size)  # a broken tokenizer fails now, not at run time
-    recursion, tensors = build_recursive(
-        ckpt.spec, ckpt.globals, ckpt.layers, loops=options.loops, sharing=options.sharing, init=options.init,
-        ranks=ranks, share_norms=options.share_norms, svd_dtype=options.svd_dtype, svd=options.svd, progress=progress)
+    if ckpt.spec.native_loops > 1:  # already looped (Ouro): its own layers, its own loop count, no LoRA
+        recursion, tensors = native_recursion(ckpt, options)
+    else:
+        recursion, tensors = build_recursive(
+            ckpt.spec, ckpt.globals, ckpt.layers, loops=options.loops, sharing=options.sharing, init=options.init,
+            ranks=ranks, share_norms=options.share_norms, svd_dtype=options.svd_dtype, svd=options.svd,
+            progress=progress)
     source = {"path": str(hf_dir.resolve()), "model_type": ckpt.config.get("model_type"),
               "num_layers": ckpt.spec.num_layers}
     with atomic_output_dir(out, overwrite=overwrite, inputs=(hf_dir,)) as tmp:

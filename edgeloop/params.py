@@ -32,8 +32,8 @@ def _layer_params(spec: ModelSpec) -> tuple[int, int]:
 
 
 def count_params(spec: ModelSpec, recursion: Recursion) -> ParamCounts:
-    embedding = sum(int(_prod(s)) for n, s in spec.global_shapes().items() if n != "final_norm.weight" and n != "final_norm.bias")
-    final_norm = spec.hidden_size * (2 if spec.norm_has_bias else 1)
+    embedding = sum(int(_prod(s)) for n, s in spec.global_shapes().items() if n in ("embed.weight", "lm_head.weight"))
+    final_norm = spec.hidden_size * (2 if spec.norm_has_bias else 1) + (spec.hidden_size + 1 if spec.exit_gate else 0)
     weights, vectors = _layer_params(spec)
     shapes = spec.linear_shapes()
     lora = per_depth = 0
@@ -47,7 +47,7 @@ def count_params(spec: ModelSpec, recursion: Recursion) -> ParamCounts:
                 shared += vectors
             if stage.repeats > 1:
                 lora += stage.repeats * sum(r * (shapes[n][0] + shapes[n][1]) for n, r in recursion.lora_ranks.items())
-    original_non_embedding = spec.num_layers * (weights + vectors) + final_norm
+    original_non_embedding = spec.stored_layers * (weights + vectors) + final_norm
     return ParamCounts(
         embedding=embedding,
         shared=shared,
@@ -99,4 +99,10 @@ def describe_model(spec: ModelSpec, recursion: Recursion) -> dict:
         "vocab_size": spec.vocab_size,
         "max_position": spec.max_position,
         "params": count_params(spec, recursion).to_dict(),
+        **({"natively_looped": {"stored_layers": spec.stored_layers, "loops": spec.native_loops}}
+           if spec.native_loops > 1 else {}),
+        **({"exit_gate": {"threshold": spec.exit_threshold, "rule": "cumulative exit probability >= threshold"}}
+           if spec.exit_gate else {}),
+        **({"norms": "sandwich (sublayer outputs normed), final norm after every loop"}
+           if spec.sandwich_norms else {}),
     }

@@ -53,6 +53,55 @@ REAL_SHAPES: dict[str, dict] = {
 }
 
 
+# Ouro (remote code only, no transformers class): written directly with the real checkpoints' config
+# keys and tensor names (docs/ouro.md). OURO_1_4B is the shape of ByteDance/Ouro-1.4B.
+OURO_TINY = dict(model_type="ouro", architectures=["OuroForCausalLM"], vocab_size=320, hidden_size=64,
+                 intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                 head_dim=16, hidden_act="silu", max_position_embeddings=512, rope_theta=1000000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=False, total_ut_steps=4, early_exit_threshold=1.0,
+                 use_sliding_window=False, bos_token_id=0, eos_token_id=0)
+OURO_1_4B = dict(OURO_TINY, vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                 num_attention_heads=16, num_key_value_heads=16, head_dim=128, max_position_embeddings=65536)
+
+
+def make_ouro_checkpoint(path: str | Path, config: dict | None = None, *, seed: int = 0,
+                         gate_bias: float = 0.0) -> Path:
+    """A random-weight Ouro checkpoint: config.json, model.safetensors (Ouro's tensor names), a tokenizer."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    cfg = dict(OURO_TINY if config is None else config)
+    rng = np.random.default_rng(seed)
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+
+    def mat(out, inp):
+        return (rng.standard_normal((out, inp), dtype=np.float32) / np.sqrt(inp)).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": mat(v, h), "model.norm.weight": norm(h), "lm_head.weight": mat(v, h),
+               "model.early_exit_gate.weight": mat(1, h), "model.early_exit_gate.bias": np.array([gate_bias], np.float32)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors.update({p + "self_attn.q_proj.weight": mat(q, h), p + "self_attn.k_proj.weight": mat(kv, h),
+                        p + "self_attn.v_proj.weight": mat(kv, h), p + "self_attn.o_proj.weight": mat(h, q),
+                        p + "mlp.gate_proj.weight": mat(f, h), p + "mlp.up_proj.weight": mat(f, h),
+                        p + "mlp.down_proj.weight": mat(h, f)})
+        for name in ("input_layernorm", "input_layernorm_2", "post_attention_layernorm", "post_attention_layernorm_2"):
+            tensors[p + name + ".weight"] = norm(h)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_byte_tokenizer(path, v, cfg.get("bos_token_id", 0), cfg.get("eos_token_id", 0))
+    return path
+
+
 def hf_config(config: dict):
     """A `transformers` config object for a preset dict."""
     import transformers

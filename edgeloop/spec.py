@@ -54,6 +54,7 @@ class ModelSpec:
     loop_norm: bool = False
     exit_gate: bool = False  # exit_gate.weight [1, H] + bias [1] on the normed state of every loop boundary
     exit_threshold: float | None = None  # the checkpoint's own gate threshold (Ouro: early_exit_threshold)
+    native_loops: int = 1  # a natively looped checkpoint (Ouro): it stores num_layers / native_loops layers
 
     def __post_init__(self):
         if self.rotary_dim == 0:
@@ -90,10 +91,19 @@ class ModelSpec:
             raise EdgeloopError(f"invalid model config: sliding_window must be a positive integer, got {self.sliding_window!r}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
+        if isinstance(self.native_loops, bool) or not isinstance(self.native_loops, int) or self.native_loops < 1 \
+                or self.num_layers % self.native_loops:
+            raise EdgeloopError(f"invalid model config: {self.num_layers} unrolled layers cannot run "
+                                f"{self.native_loops!r} loops")
         if self.exit_threshold is not None and (isinstance(self.exit_threshold, bool)
                                                 or not isinstance(self.exit_threshold, (int, float))
                                                 or not 0 < self.exit_threshold <= 1):
             raise EdgeloopError(f"invalid model config: the exit threshold must be in (0, 1], got {self.exit_threshold!r}")
+
+    @property
+    def stored_layers(self) -> int:
+        """Layers a checkpoint of this model stores (natively looped ones store one loop's worth)."""
+        return self.num_layers // self.native_loops
 
     @property
     def q_size(self) -> int:

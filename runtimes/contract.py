@@ -86,8 +86,8 @@ class EntryPoint:
         for t in self.outputs if output else self.inputs:
             if t.role == role and t.kv == kv:
                 return t.name
-        raise KeyError(f"{self.symbol} has no {'output' if output else 'input'} with role {role!r}"
-                       + (f" for {kv}" if kv else ""))
+        raise EdgeloopError(f"{self.symbol} has no {'output' if output else 'input'} with role {role!r}"
+                            + (f" for {kv}" if kv else "") + "; it was compiled by another edgeloop: compile it again")
 
     def has(self, role: str, *, output: bool = False) -> bool:
         return any(t.role == role for t in (self.outputs if output else self.inputs))

@@ -12,7 +12,8 @@ exit probability; it keeps what it needs between boundaries in a small per-token
     gate[:THRESHOLD]       a learned exit gate (Ouro, or one trained by `edgeloop uptrain
                            --exit-gate`): exit when the cumulative exit probability
                            sum_r lambda_r * prod_{j<r} (1 - lambda_j) reaches THRESHOLD (default: the
-                           checkpoint's own, e.g. Ouro's early_exit_threshold)
+                           checkpoint's own, e.g. Ouro's early_exit_threshold; 1.0 = every step,
+                           run as `none` since the rule cannot fire before the last step)
     depth:D                every token exits after D passes (a forced depth, for measurements)
     speculate:DxN          self-speculative decoding: draft N tokens at depth D, verify them at
                            full depth in one pass (outputs equal full depth)
@@ -101,6 +102,8 @@ def parse_policy(text: str | None, *, loops: int, gate: bool = False, gate_thres
             raise EdgeloopError("exit policy gate needs a model with a learned exit gate (an Ouro checkpoint, or "
                                 "one uptrained with --exit-gate)")
         value = number(0.0, 1.0) if arg else (gate_threshold if gate_threshold is not None else 1.0)
+        if value >= 1.0:  # the cumulative exit probability reaches 1 only at the last step: full depth
+            return ExitPolicy()
         return ExitPolicy(kind, value)
     # speculate:DxN
     depth, _, n = arg.lower().partition("x")

@@ -72,7 +72,10 @@ class Model:
         self._tokenizer: Tokenizer | None = None
         self.last_stats: GenerationStats | list[GenerationStats] = GenerationStats()
         exit_section = getattr(contract, "exit", None)
-        self.default_exit = exit_section.policy if exit_section else "none"
+        spec = contract.model if contract is not None else getattr(getattr(backend, "model", None), "spec", None)
+        gate_default = f"gate:{spec.exit_threshold:g}" if spec is not None and spec.exit_gate and \
+            spec.exit_threshold is not None and spec.exit_threshold < 1 else "none"
+        self.default_exit = exit_section.policy if exit_section else gate_default
         self.kv_strategy = exit_section.kv_strategy if exit_section else "fill"  # see runtimes/stepping.py
 
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from edgeloop.errors import EdgeloopError
-from edgeloop.families import gemma, gpt_neox, llama, qwen2, qwen3
+from edgeloop.families import gemma, gpt_neox, llama, ouro, qwen2, qwen3
 
 FAMILIES: dict[str, ModuleType] = {
     "llama": llama,
@@ -18,6 +18,7 @@ FAMILIES: dict[str, ModuleType] = {
     "qwen3": qwen3,
     "gemma": gemma,
     "gpt_neox": gpt_neox,
+    "ouro": ouro,
 }
 
 _BY_MODEL_TYPE = {t: name for name, mod in FAMILIES.items() for t in mod.MODEL_TYPES}
