@@ -131,6 +131,35 @@ def calibrate(
 
 
 @app.command()
+def serve(
+    path: Path = typer.Argument(..., help="artifact to serve"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (localhost by default)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    max_rows: int = typer.Option(8, help="requests running at once (rows of the shared block)"),
+    max_queue: int = typer.Option(64, help="requests waiting at most; more get HTTP 429"),
+    scheduler: str = typer.Option("depth", help="depth (continuous depth-wise batching) | sequence (baseline)"),
+    model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the directory name)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads"),
+) -> None:
+    """An OpenAI-compatible HTTP server (completions, chat, streaming) over the scheduling engine."""
+    from edgeloop.runtimes.server import serve as run_server
+
+    if not 0 < port < 65536:
+        raise EdgeloopError(f"--port must be in 1..65535, got {port}")
+    if max_rows < 1 or max_queue < 1:
+        raise EdgeloopError("--max-rows and --max-queue must be >= 1")
+    if scheduler not in ("depth", "sequence"):
+        raise EdgeloopError(f"--scheduler must be depth or sequence, got {scheduler!r}")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise EdgeloopError("edgeloop serve needs FastAPI and uvicorn: pip install 'edgeloop[serve]'") from None
+    run_server(str(path), host=host, port=port, max_rows=max_rows, max_queue=max_queue, scheduler=scheduler,
+               model_name=model_name, threads=threads)
+
+
+@app.command()
 def chat(
     path: Path = typer.Argument(..., help="artifact (or model dir)"),
     system: Optional[str] = typer.Option(None, help="system prompt"),

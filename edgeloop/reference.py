@@ -272,6 +272,7 @@ class ReferenceBackend:
     """The oracle behind the same step interface as the artifact drivers (rows run one by one)."""
 
     name = "reference"
+    ragged_block = True  # one block call can mix rows of different token counts
 
     def __init__(self, model: ReferenceModel):
         self.model = model

@@ -218,33 +218,21 @@ class Model:
         finally:
             self.backend.release(state)
 
-    def _run_batch(self, requests: list[Request]) -> None:
-        """All requests step together: one prefill call, then one call per token for every live row."""
-        spec = [r for r in requests if r.policy.kind == "speculate"]
-        batch = [r for r in requests if r.policy.kind != "speculate"]
-        for r in spec:  # self-speculation verifies one stream's drafts at a time
+    def _run_batch(self, requests: list[Request], *, scheduler: str = "depth") -> None:
+        """The requests through the scheduling engine (runtimes/engine.py): rows step together, each
+        leaving when it finishes; exiting rows use depth-wise batching. Self-speculating ones run alone."""
+        from edgeloop.runtimes.engine import Engine
+
+        for r in [r for r in requests if r.policy.kind == "speculate"]:
             for _ in self._run_streaming(r):
                 pass
+        batch = [r for r in requests if r.policy.kind != "speculate"]
         if not batch:
             return
-        self.backend.reserve(len(batch))
-        states = [self.backend.new_state(host=r.host) for r in batch]
-        try:
-            start = time.perf_counter()
-            outs = run_rows(self.backend, [(r, s, r.prompt) for r, s in zip(batch, states)])
-            live = []
-            for r, s, o in zip(batch, states, outs):
-                r.begin(start)
-                if r.accept(o, s, self.backend.max_context):
-                    live.append((r, s))
-            while live:
-                outs = run_rows(self.backend, [(r, s, [r.generated[-1]]) for r, s in live])
-                live = [(r, s) for (r, s), o in zip(live, outs) if r.accept(o, s, self.backend.max_context)]
-        finally:
-            for s in states:
-                self.backend.release(s)
+        engine = Engine(self, max_rows=max(1, len(batch)), max_queue=len(batch), scheduler=scheduler)
         for r in batch:
-            r.finish()
+            engine.submit(r)
+        engine.run_until_idle()
 
 
 def run_rows(backend, items: list) -> list:
@@ -308,7 +296,8 @@ class Request:
         """The exit memory of a decode token (prompts run every pass)."""
         from edgeloop.runtimes.exits import TokenExit
 
-        return TokenExit(self.policy) if tokens == 1 and self.policy is not None and self.policy.exits else None
+        decoding = tokens == 1 and bool(self.generated)  # a prompt, even of one token, runs every pass
+        return TokenExit(self.policy) if decoding and self.policy is not None and self.policy.exits else None
 
     def begin(self, t0: float) -> None:
         self._t0 = t0

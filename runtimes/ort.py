@@ -44,6 +44,7 @@ class _Binding:
 
 class OrtBackend:
     name = "onnxruntime"
+    ragged_block = False  # one block call can mix rows of different token counts (ORT pads them)
 
     def __init__(self, path: Path, contract: Contract, *, threads: int | None = None,
                  providers: list[str] | None = None, use_ort_format: bool | None = None, spinning: bool = False):

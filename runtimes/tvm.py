@@ -54,6 +54,7 @@ class TvmState:
 
 class TvmBackend:
     name = "tvm"
+    ragged_block = True  # one block call can mix rows of different token counts
 
     def __init__(self, path: Path, contract: Contract, *, threads: int | None = None, max_batch: int | None = None,
                  **_options):
