@@ -18,6 +18,7 @@ class CompileInput:
     recursion: Recursion
     tensors: dict[str, np.ndarray]
     generation: dict
+    source: dict | None = None  # a model dir's record of the checkpoint it was converted from
 
 
 def load_for_compile(path: Path) -> CompileInput:
@@ -29,7 +30,7 @@ def load_for_compile(path: Path) -> CompileInput:
     if is_model_dir(path):
         md = read_model_dir(path)
         _check_finite(md.tensors, path)
-        return CompileInput(path, md.spec, md.recursion, md.tensors, md.generation)
+        return CompileInput(path, md.spec, md.recursion, md.tensors, md.generation, md.source)
     if (path / "config.json").is_file():
         ck = read_hf_checkpoint(path)  # a vanilla checkpoint compiles as K = L, B = 1
         tensors = dict(ck.globals)

@@ -57,6 +57,17 @@ def depth_tensors(bt: BlockTensors) -> list[DepthTensor]:
 # weight accessors
 
 
+@dataclass(frozen=True)
+class LoraPlan:
+    """How a group's LoRA enters its matmul: x A [* mask] B (b: block-diagonal over the members,
+    added before the group's split), or per member (members: (name, B, columns) after the split)."""
+
+    a: str
+    b: str | None
+    members: list
+    mask: str | None = None  # [b, 1, columns]: per-row depth selection (the block step)
+
+
 class LayerWeights(ABC):
     """Names, in the graph being built, of what one depth position (or one row's depth) reads.
 
@@ -65,9 +76,11 @@ class LayerWeights(ABC):
 
     per_row = False  # per-depth tensors come out [b, ...] (rows at different depths)
 
-    def __init__(self, g: GraphBuilder, bt: BlockTensors, depths: list[int], lora_dtype=np.float32):
+    def __init__(self, g: GraphBuilder, bt: BlockTensors, depths: list[int], lora_dtype=np.float32,
+                 fuse_lora_b: bool = True):
         self.g, self.bt, self.depths = g, bt, depths  # depths[r]: the depth position of repeat r
         self.lora_dtype = np.dtype(lora_dtype)
+        self.fuse_lora_b = fuse_lora_b
         self._depth = {t.key: t for t in depth_tensors(bt)}
 
     def depth_initializer(self, key: str, repeat: int) -> str:
@@ -105,13 +118,45 @@ class LayerWeights(ABC):
         key = f"{group.name}.bias"
         return self.per_depth(key) if self.bt.per_depth else self.shared(key, self.bt.biases[group.name][0])
 
-    def lora(self, group: Group) -> tuple[str, list[tuple[str, str, int]]] | None:
-        """(A [in, r_total] or [b, in, r_total], [(member, B [r, out] or [b, r, out], r)]), or None."""
+    def lora(self, group: Group) -> LoraPlan | None:
+        """This depth's LoRA of a group: A [in, r_total] and, when the factors stay float, one
+        block-diagonal B [r_total, out_total] (each member's B in its own rows and output columns,
+        zeros elsewhere) so the whole group's update is two matmuls and one add before the split,
+        instead of a split, then a matmul and an add per member (per-node overhead is most of a
+        decode step at small widths). Built from the per-depth initializers with constant Pad and
+        Concat nodes, which ORT folds when the session loads: on disk the factors stay as they are.
+        int8 LoRA keeps one matmul per member (the quantizer turns each into a MatMulNBits)."""
         if group.name not in self.bt.lora_a:
             return None
-        parts = [(m.name, self.per_depth(f"{group.name}.B.{m.name}"), m.rank)
-                 for m in group.members if m.name in self.bt.lora_b[group.name]]
-        return self.per_depth(f"{group.name}.A"), parts
+        members = [m for m in group.members if m.rank and m.name in self.bt.lora_b[group.name]]
+        a = self.per_depth(f"{group.name}.A")
+        if not self.fuse_lora_b:
+            return LoraPlan(a, None, [(m.name, self.per_depth(f"{group.name}.B.{m.name}"), m.rank) for m in members])
+        blocks = [self._padded_b(group, m, self.depth_initializer(f"{group.name}.B.{m.name}", self._repeat()))
+                  for m in members]
+        b = self._stack_rows(blocks, f"b{self.bt.block}.per_depth.{group.name}.B.d{self.depths[self._repeat()]}")
+        return LoraPlan(a, self._as_float(b, LORA), [])
+
+    def _repeat(self) -> int:
+        raise NotImplementedError("only FixedDepth reads one repeat's factors")
+
+    def _padded_b(self, group: Group, member, b: str) -> str:
+        """A member's B [r, out_m] padded to the group's output columns: [r, out_total]."""
+        g = self.g.root
+        right = group.out_features - member.out_offset - member.out_features
+        if member.out_offset == 0 and right == 0:
+            return b
+        return g.op("Pad", b, g.const([0, member.out_offset, 0, right]), name=f"{member.name}_lora_b_cols")
+
+    def _stack_rows(self, blocks: list[str], name: str) -> str:
+        """Concat along the rank rows; the name carries `.per_depth.` so the compile-time optimizer
+        leaves it for ORT to fold at load (compiler/onnx_pipeline.py)."""
+        if len(blocks) == 1:
+            return blocks[0]
+        g = self.g.root
+        if name not in g.initializers and not any(name == o for n in g.nodes for o in n.output):
+            g.op_to("Concat", blocks, [name], axis=0)
+        return name
 
     def _as_float(self, name: str, kind: str) -> str:
         if kind == LORA and self.lora_dtype != self.g.float_dtype:
@@ -122,9 +167,12 @@ class LayerWeights(ABC):
 class FixedDepth(LayerWeights):
     """Unrolled code: repeat `repeat` of the block reads its own initializers."""
 
-    def __init__(self, g, bt, depths: list[int], *, repeat: int, lora_dtype=np.float32):
-        super().__init__(g, bt, depths, lora_dtype)
+    def __init__(self, g, bt, depths: list[int], *, repeat: int, lora_dtype=np.float32, fuse_lora_b: bool = True):
+        super().__init__(g, bt, depths, lora_dtype, fuse_lora_b)
         self.repeat = repeat
+
+    def _repeat(self) -> int:
+        return self.repeat
 
     def per_depth(self, key: str) -> str:
         return self._as_float(self.depth_initializer(key, self.repeat), self._depth[key].kind)
@@ -156,6 +204,8 @@ class GatheredDepth(LayerWeights):
     def _unpack(self) -> dict[str, str]:
         by_dtype: dict[np.dtype, list[DepthTensor]] = {}
         for t in self._depth.values():
+            if self.per_row and t.kind == LORA:
+                continue  # per-row LoRA is masked, not gathered (lora() below)
             by_dtype.setdefault(self.lora_dtype if t.kind == LORA else self.g.float_dtype, []).append(t)
         names: dict[str, str] = {}
         for dtype, items in by_dtype.items():
@@ -178,6 +228,53 @@ class GatheredDepth(LayerWeights):
         if self._names is None:
             self._names = self._unpack()
         return self._names[key]
+
+    def lora(self, group: Group):
+        """Rows at different depths: every depth's LoRA at once, masked to the row's own depth.
+
+        A row's update is x A_d B_d. With A_all = [A_0 .. A_{R-1}] (columns) and B_all = [B_0; ..;
+        B_{R-1}] (rows), x A_all masked to the columns of depth d, times B_all, is exactly that: one
+        pair of plain matmuls whose weights are read once for the whole batch. Gathering each row's
+        factors instead copied them per row and call (~0.6 MB per layer and row at rank 32 on the
+        bundled model), which cost more than the block's arithmetic. The extra flops (R x the LoRA's)
+        are small next to the shared weights'."""
+        if not self.per_row:  # a Loop body: the iteration's factors, gathered from the stack
+            if group.name not in self.bt.lora_a:
+                return None
+            members = [m for m in group.members if m.rank and m.name in self.bt.lora_b[group.name]]
+            return LoraPlan(self.per_depth(f"{group.name}.A"), None,
+                            [(m.name, self.per_depth(f"{group.name}.B.{m.name}"), m.rank) for m in members])
+        if group.name not in self.bt.lora_a:
+            return None
+        members = [m for m in group.members if m.rank and m.name in self.bt.lora_b[group.name]]
+        reps = self.bt.lora_a[group.name].shape[0]
+        a = self._depth[f"{group.name}.A"]
+        g = self.g.root
+        # columns member-major, depth-minor: [m0: d0 .. dR-1][m1: d0 ..]; B's rows in the same order
+        cols, rows, col_depth = [], [], []
+        for m in members:
+            for r in range(reps):
+                cols.append(g.op("Slice", self.depth_initializer(a.key, r), g.const([m.rank_offset]),
+                                 g.const([m.rank_offset + m.rank]), g.const([1])))
+                rows.append(self._padded_b(group, m, self.depth_initializer(f"{group.name}.B.{m.name}", r)))
+                col_depth += [r] * m.rank
+        stem = f"b{self.bt.block}.per_depth.{group.name}"
+        a_all = f"{stem}.A_all"
+        if not any(a_all == o for n in g.nodes for o in n.output):
+            g.op_to("Concat", cols, [a_all], axis=1)
+        b_all = self._stack_rows(rows, f"{stem}.B_all")
+        return LoraPlan(self._as_float(a_all, LORA), self._as_float(b_all, LORA), [], self._depth_mask(col_depth))
+
+    def _depth_mask(self, col_depth: list[int]) -> str:
+        """[b, 1, columns]: 1 on the columns of each row's depth, 0 elsewhere."""
+        key = tuple(col_depth)
+        cache = self.__dict__.setdefault("_masks", {})
+        if key not in cache:
+            g = self.g
+            row_depth = g.op("Unsqueeze", self.index, g.const([1, 2]), name="row_depth")  # [b, 1, 1]
+            same = g.op("Equal", row_depth, g.const(np.asarray(col_depth, np.int64)), name="depth_columns")
+            cache[key] = g.op("Cast", same, to=DTYPES[g.float_dtype], name="depth_mask")
+        return cache[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,16 +467,22 @@ def linear(g: GraphBuilder, w: LayerWeights, group: Group, x: str) -> list[str]:
     bias = w.bias(group)
     if bias:
         y = g.op("Add", y, bias, name=f"{group.name}_bias")
+    lora = w.lora(group)
+    hidden = None
+    if lora:
+        hidden = g.op("MatMul", x, lora.a, name=f"{group.name}_lora_a")  # [b, t, r_total]
+        if lora.mask:  # per-row depths: every depth's columns computed, the row's own kept
+            hidden = g.op("Mul", hidden, lora.mask, name=f"{group.name}_lora_depth")
+        if lora.b:  # block-diagonal B: the whole group's update at once
+            y = g.op("Add", y, g.op("MatMul", hidden, lora.b, name=f"{group.name}_lora_b"), name=f"{group.name}_lora")
     sizes = [m.out_features for m in group.members]
     parts = list(g.op("Split", y, g.const(sizes), axis=-1, outputs=len(sizes), name=group.name)) \
         if len(sizes) > 1 else [y]
-    lora = w.lora(group)
-    if lora:
-        a, bs = lora
-        hidden = g.op("MatMul", x, a, name=f"{group.name}_lora_a")  # [b, t, r_total]
-        pieces = list(g.op("Split", hidden, g.const([r for _, _, r in bs]), axis=-1, outputs=len(bs),
-                           name=f"{group.name}_lora_h")) if len(bs) > 1 else [hidden]
-        for (member, b, _), piece in zip(bs, pieces):
+    if lora and not lora.b and lora.members:
+        pieces = list(g.op("Split", hidden, g.const([r for _, _, r in lora.members]), axis=-1,
+                           outputs=len(lora.members), name=f"{group.name}_lora_h")) \
+            if len(lora.members) > 1 else [hidden]
+        for (member, b, _), piece in zip(lora.members, pieces):
             i = [m.name for m in group.members].index(member)
             parts[i] = g.op("Add", parts[i], g.op("MatMul", piece, b, name=f"{member}_lora_b"), name=f"{member}_lora")
     return parts

@@ -394,13 +394,18 @@ def _logits(backend, ids: np.ndarray) -> np.ndarray:
 
 def calibration_ids(model, options) -> tuple[np.ndarray, str]:
     """Token ids to score and where they came from: --calibration-text, else the model's own
-    heldout.txt (kept by `edgeloop convert` when the checkpoint ships one), else random ids."""
+    heldout.txt (kept by `edgeloop convert` when the checkpoint ships one) or that of the checkpoint
+    it was converted from, else random ids."""
+    from edgeloop.checkpoint import original_checkpoint
     from edgeloop.fileio import read_text
 
+    original = original_checkpoint(Path(model.path), model.source or {})
     if options.calibration_text:
         text_file = Path(options.calibration_text)
     elif (Path(model.path) / "heldout.txt").is_file():
         text_file = Path(model.path) / "heldout.txt"
+    elif original is not None and (original / "heldout.txt").is_file():
+        text_file = original / "heldout.txt"
     else:
         text_file = None
     tokenizer = Path(model.path) / "tokenizer.json"

@@ -8,7 +8,7 @@ from edgeloop.errors import EdgeloopError
 
 TARGETS = {
     "onnxruntime": ("cpu", "cuda", "mobile"),
-    "tvm": ("cpu", "cuda", "android-cpu", "android-opencl", "ios-metal", "webgpu"),
+    "tvm": ("cpu", "cuda", "android-cpu", "android-opencl", "ios-cpu", "ios-metal", "webgpu"),
 }
 LAYOUTS = ("auto", "loop", "unrolled")
 # The measured-faster layout per backend (docs/benchmarks.md): ORT runs the unrolled graph with

@@ -49,6 +49,7 @@ def _host_cpu() -> dict:
 
 
 _ANDROID = {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]}
+_IOS = {"kind": "llvm", "mtriple": "arm64-apple-ios", "mattr": ["+neon"]}
 
 
 def plan(name: str, archs=None) -> TargetPlan:
@@ -58,6 +59,8 @@ def plan(name: str, archs=None) -> TargetPlan:
         return TargetPlan(name, _host_cpu(), "model.so", cpu=True, device="cpu")
     if name == "android-cpu":
         return TargetPlan(name, dict(_ANDROID), "model.tar", cpu=True, device="cpu-aarch64-android")
+    if name == "ios-cpu":  # the native library's iOS build runs on the CPU (no Metal host code there yet)
+        return TargetPlan(name, dict(_IOS), "model.tar", cpu=True, device="cpu-arm64-ios")
     if name == "cuda":
         archs = cuda_archs(archs)
         return TargetPlan(name, {"kind": "cuda", "arch": archs[0], "max_shared_memory_per_block": 49152,
@@ -73,7 +76,8 @@ def plan(name: str, archs=None) -> TargetPlan:
     if name == "webgpu":
         return TargetPlan(name, {"kind": "webgpu", "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}},
                           "model.tar", device="webgpu", **gpu)
-    raise EdgeloopError(f"unknown TVM target {name!r}; choose cpu, cuda, android-cpu, android-opencl, ios-metal or webgpu")
+    raise EdgeloopError(f"unknown TVM target {name!r}; choose cpu, cuda, android-cpu, android-opencl, "
+                        "ios-cpu, ios-metal or webgpu")
 
 
 def relax_pipeline(p: TargetPlan, target: tvm.target.Target, on_scheduled=None) -> tvm.transform.Pass:

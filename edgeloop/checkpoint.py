@@ -281,12 +281,26 @@ def read_model_dir(path: Path) -> ModelDir:
     return ModelDir(path, spec, recursion, tensors, config.get("generation", {}), config.get("source", {}))
 
 
+def original_checkpoint(model_dir: Path, source: dict) -> Path | None:
+    """The HF checkpoint a model dir was converted from, if it is still there (a relative path is
+    relative to the model dir, as in the bundled examples/kjv-tiny-loop)."""
+    recorded = source.get("path")
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if not path.is_absolute():
+        path = Path(model_dir) / path
+    return path if (path / "config.json").is_file() else None
+
+
 def write_model_dir(out: Path, spec: ModelSpec, recursion: Recursion, tensors: dict[str, np.ndarray],
-                    *, generation: dict, source: dict, tokenizer_from: Path | None) -> None:
-    """Write into `out`, which must be a fresh (temporary) directory."""
+                    *, generation: dict, source: dict, tokenizer_from: Path | None,
+                    dtype: np.dtype = np.dtype(np.float32)) -> None:
+    """Write into `out`, which must be a fresh (temporary) directory. Tensors are stored as `dtype`
+    (float32, or float16 to halve the directory; read back as float32)."""
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
+    save_file({k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
               metadata={"format": FORMAT})
     write_json(out / "config.json", {
         "format": FORMAT,

@@ -120,7 +120,7 @@ def uptrain(
     teacher: Optional[Path] = typer.Option(None, help="the original HF checkpoint (default: the one the model was "
                                                       "converted from)"),
     steps: int = typer.Option(200, help="optimizer steps"),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate"),
+    lr: float = typer.Option(1e-3, help="peak AdamW learning rate (5% warm-up, cosine decay to a tenth)"),
     batch: int = typer.Option(8, help="windows per step"),
     seq: int = typer.Option(128, help="tokens per window"),
     exit_loss: float = typer.Option(1.0, help="loss weight of the intermediate loop boundaries (the last weighs 1)"),
@@ -132,6 +132,7 @@ def uptrain(
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint of this output"),
     heldout: Optional[Path] = typer.Option(None, help="held-out text for the per-loop perplexity (default: the "
                                                       "model's heldout.txt)"),
+    save_dtype: str = typer.Option("float32", help="float32 | float16 (half the size on disk)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
@@ -141,7 +142,7 @@ def uptrain(
     options = UptrainOptions(steps=steps, lr=lr, batch=batch, seq=seq, exit_loss=exit_loss, train_shared=train_shared,
                              exit_gate=exit_gate, device=device, seed=seed, checkpoint_every=checkpoint_every,
                              resume=resume, teacher=str(teacher) if teacher else None,
-                             heldout=str(heldout) if heldout else None)
+                             heldout=str(heldout) if heldout else None, save_dtype=save_dtype)
     result = run_uptrain(model_dir, list(data), output, options, overwrite=force, progress=not as_json)
     if as_json:
         out.print_json(json.dumps(result.to_dict()))
@@ -182,7 +183,7 @@ def compile_cmd(
     model_dir: Path = typer.Argument(..., help="edgeloop model dir (or a HF checkpoint, compiled as B = 1)"),
     output: Path = typer.Option(..., "-o", "--output", help="artifact directory (written atomically)"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime | tvm"),
-    target: str = typer.Option("cpu", help="onnxruntime: cpu | cuda | mobile; tvm: cpu | cuda | android-cpu | "
+    target: str = typer.Option("cpu", help="onnxruntime: cpu | cuda | mobile; tvm: cpu | cuda | android-cpu | ios-cpu | "
                                            "android-opencl | ios-metal | webgpu"),
     layout: str = typer.Option("auto", help="auto (the faster per backend: unrolled on onnxruntime) | loop "
                                             "(shared block once, inside a Loop) | unrolled"),
@@ -222,8 +223,9 @@ def compile_cmd(
     options.validate()
     contract = compile_model(model_dir, output, options, overwrite=force)
     size = sum(f.bytes for f in contract.files.values())
+    original = _original_bytes(model_dir)
     summary = {"output": str(output), "backend": backend, "target": target, "layout": contract.layout,
-               "bytes": size, "entry_points": sorted(contract.entry_points), "graph": contract.graph,
+               "bytes": size, "original_checkpoint_bytes": original, "entry_points": sorted(contract.entry_points), "graph": contract.graph,
                "quantization": contract.quantization, "quality": contract.quality,
                "cuda": asdict(contract.tvm.cuda) if contract.tvm and contract.tvm.cuda else None}
     if as_json:
@@ -231,6 +233,8 @@ def compile_cmd(
         return
     out.print(f"[bold]{_escape(str(output))}[/]: {backend}/{target}, layout {contract.layout}, {human_bytes(size)}, "
               f"entry points {', '.join(sorted(contract.entry_points))}")
+    if original:
+        out.print(f"  {size / original:.2f}x the size of the original checkpoint ({human_bytes(original)})")
     graph = contract.graph or {}
     if backend == "onnxruntime" and graph:
         out.print(f"  main graph {graph.get('main_nodes')} nodes, {graph.get('loops')} Loop(s) with "
@@ -249,6 +253,18 @@ def compile_cmd(
         out.print(f"  CUDA device code: {cuda.device_code} for {', '.join(cuda.archs)}"
                   + (f" + PTX {', '.join(cuda.ptx)}" if cuda.ptx else ""))
     err.print(f"[dim]{_escape(str(options))}[/]", soft_wrap=True)
+
+
+def _original_bytes(model_dir: Path) -> int | None:
+    """Bytes of the weights of the HF checkpoint a model dir came from, when it is still there."""
+    from edgeloop.checkpoint import original_checkpoint, read_model_config
+
+    try:
+        source = read_model_config(Path(model_dir)).get("source", {})
+    except EdgeloopError:
+        return None
+    path = original_checkpoint(Path(model_dir), source)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -211,6 +211,11 @@ def atomic_output_dir(target: Path, *, overwrite: bool = False, inputs: tuple[Pa
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs follow the user's umask
     try:
         yield tmp
+        # some writers (safetensors, tempfile) create 0600 files: outputs follow the umask, like the directory
+        mode = 0o666 & ~_umask()
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, mode)
         with _parent_lock(target.parent):
             if target.exists() or target.is_symlink():
                 if not overwrite:

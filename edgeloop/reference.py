@@ -287,6 +287,9 @@ class ReferenceBackend:
     def reserve(self, streams: int) -> None:
         pass
 
+    def prepare(self, *, host: bool = False) -> None:
+        """Nothing to load lazily: every function is ready after load."""
+
     def release(self, state: ReferenceState) -> None:
         state.cache = self.model.new_cache()
 
@@ -330,7 +333,7 @@ class ReferenceBackend:
         return [self.model.embed(torch.from_numpy(np.asarray(r.tokens, np.int64)))[:].float().numpy() for r in rows]
 
     @torch.no_grad()
-    def block(self, rows) -> list[np.ndarray]:
+    def block(self, rows, *, complete: bool = False) -> list[np.ndarray]:
         passes = self.model.passes()
         out = []
         for r in rows:

@@ -52,6 +52,7 @@ class UptrainOptions:
     teacher: str | None = None
     heldout: str | None = None
     eval_tokens: int = 4096
+    save_dtype: str = "float32"  # float16 halves the model dir (what the bundled examples/kjv-tiny-loop uses)
 
     def validate(self) -> None:
         for name in ("steps", "batch", "seq", "checkpoint_every", "eval_tokens"):
@@ -64,6 +65,8 @@ class UptrainOptions:
                     or not 0 <= value <= high or (name == "lr" and value == 0):
                 raise EdgeloopError(f"--{name.replace('_', '-')} must be a number in "
                                     f"{'(0' if name == 'lr' else '[0'}, {high:g}], got {value!r}")
+        if self.save_dtype not in ("float32", "float16"):
+            raise EdgeloopError(f"--save-dtype must be float32 or float16, got {self.save_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise EdgeloopError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if not 0 <= self.seed < 2 ** 63:
@@ -98,8 +101,10 @@ def _device(choice: str):
 
 
 def _teacher_dir(md, options: UptrainOptions) -> Path:
-    path = Path(options.teacher) if options.teacher else Path(md.source.get("path", ""))
-    if not options.teacher and not (path / "config.json").is_file():
+    from edgeloop.checkpoint import original_checkpoint
+
+    path = Path(options.teacher) if options.teacher else original_checkpoint(md.path, md.source)
+    if path is None:
         raise EdgeloopError(f"the model dir does not know where its original checkpoint is (recorded: "
                             f"{md.source.get('path')!r}); pass --teacher HF_DIR")
     if not (path / "config.json").is_file():
@@ -177,12 +182,14 @@ def uptrain(model_dir: str | Path, data: list[str | Path], out: str | Path, opti
     for step in range(start_step, options.steps):
         starts = rng.integers(0, len(train_ids) - options.seq, size=options.batch)
         batch = torch.from_numpy(np.stack([train_ids[s:s + options.seq] for s in starts])).to(device)
+        for group in opt.param_groups:  # a function of the step alone, so --resume needs no scheduler state
+            group["lr"] = learning_rate(step, options)
         loss = distill_loss(student, teacher, batch, options)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         trained_tokens += batch.numel()
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{trained_tokens / (time.perf_counter() - t0):.0f}")
         bar.update(1)
@@ -200,7 +207,8 @@ def uptrain(model_dir: str | Path, data: list[str | Path], out: str | Path, opti
     with atomic_output_dir(out, overwrite=overwrite, inputs=(model_dir, teacher_dir)) as tmp:
         write_model_dir(tmp, spec, md.recursion, final, generation=md.generation,
                         source={**md.source, "uptrained_from": str(model_dir.resolve()),
-                                "teacher": str(teacher_dir.resolve())}, tokenizer_from=model_dir)
+                                "teacher": str(teacher_dir.resolve())}, tokenizer_from=model_dir,
+                        dtype=np.dtype(options.save_dtype))
         for extra in ("hf_config.json", "heldout.txt"):
             if (model_dir / extra).is_file():
                 shutil.copy2(model_dir / extra, tmp / extra)
@@ -235,6 +243,15 @@ def _boundaries(model, ids):
             x = model.loop_norm(x)
         out.append(x if model.spec.loop_norm else model.loop_norm(x))
     return out
+
+
+def learning_rate(step: int, options: UptrainOptions) -> float:
+    """Linear warm-up over the first 5% of the steps, then cosine decay to a tenth of --lr."""
+    warmup = max(1, options.steps // 20)
+    if step < warmup:
+        return options.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, options.steps - warmup)
+    return options.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def distill_loss(student, teacher, ids, options: UptrainOptions):

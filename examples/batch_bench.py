@@ -24,7 +24,6 @@ import argparse
 import json
 import platform
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ class EdgeloopBatch:
                 return [int(np.argmax(o.logits[-1])) for o in b.step(rows)]
             hidden = b.embed(rows)
             for r in range(b.loops):
-                hidden = b.block([BlockRow(s, h, r) for s, h in zip(states, hidden)])
+                hidden = b.block([BlockRow(s, h, r) for s, h in zip(states, hidden)], complete=True)
             for s, t in zip(states, tokens):
                 b.advance(s, len(t))
             return [int(np.argmax(o.logits[-1])) for o in b.head([h[-1:] for h in hidden])]

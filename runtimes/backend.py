@@ -69,6 +69,10 @@ class Backend(Protocol):
     def release(self, state: State) -> None:
         """Give the state's cache back (also done when the state is garbage collected)."""
 
+    def prepare(self, *, host: bool = False) -> None:
+        """Load what a step will need (the host loop's entry points), so the first token's timing
+        is the model's, not the loader's."""
+
     def step(self, rows: Sequence[Row]) -> list[RowOutput]:
         """Append each row's tokens to its sequence (full depth); logits per row, float32."""
 
@@ -80,9 +84,11 @@ class Backend(Protocol):
     def embed(self, rows: Sequence[Row]) -> list[np.ndarray]:
         """Hidden states [t, hidden] entering the loop for each row's new tokens."""
 
-    def block(self, rows: Sequence[BlockRow]) -> list[np.ndarray]:
+    def block(self, rows: Sequence[BlockRow], *, complete: bool = False) -> list[np.ndarray]:
         """One pass of the looped block; each row at its own depth writes its KV slot (state, depth) at
-        positions [position, position + t) and gets back its hidden states."""
+        positions [position, position + t) and gets back its hidden states. complete: the caller
+        knows every cached position before each row's start holds K/V at the row's depth (the fill
+        strategy, full depth, self-speculation), so a backend may skip the per-position validity mask."""
 
     def head(self, hidden: Sequence[np.ndarray]) -> list[RowOutput]:
         """Final norm and LM head (and the exit gate, when the model has one) for each [n, hidden]."""

@@ -65,7 +65,7 @@ def probe(backend, ids: np.ndarray, window: int) -> tuple[list[np.ndarray], list
         state = backend.new_state(host=True)
         h = backend.embed([Row(state, chunk)])[0]
         for r in range(loops):
-            h = backend.block([BlockRow(state, h, r)])[0]
+            h = backend.block([BlockRow(state, h, r)], complete=True)[0]  # full depth: every position is there
             out = backend.head([h])[0]
             lp = out.logits.astype(np.float64)
             lp = lp - lp.max(-1, keepdims=True)

@@ -211,6 +211,7 @@ class Engine:
             if self.active and used + job.budget > self.kv_budget:
                 break  # wait for room (an empty engine always takes the next request)
             self.queue.popleft()
+            self.backend.prepare(host=job.host)
             job.state = self.backend.new_state(host=job.host)
             job.tokens = list(job.request.prompt)
             job.request.begin(time.perf_counter())
@@ -249,7 +250,7 @@ class Engine:
     def _take(self, job: Job, logits: np.ndarray, depth: int) -> None:
         """A token of `job` is done (its logits at `depth` passes): sample, stream, continue or finish."""
         request = job.request
-        token = request.sampler(logits, request.prompt + request.generated)
+        token = request.sampler(logits, request.history)
         before = len(request.generated)
         live = request.push(token, depth, job.state, self.backend.max_context)
         if len(request.generated) > before:
@@ -283,10 +284,10 @@ class Engine:
         calls = {"n": 0}
         block = self.backend.block
 
-        def counting(items):
+        def counting(items, **kw):
             calls["n"] += 1
             self.metrics.rows_per_call[len(items)] += 1
-            return block(items)
+            return block(items, **kw)
 
         self.backend.block = counting
         try:
@@ -307,20 +308,32 @@ class Engine:
         groups = [jobs] if getattr(self.backend, "ragged_block", False) else \
             [[j for j in jobs if len(j.tokens) == n] for n in sorted({len(j.tokens) for j in jobs})]
         for group in groups:
-            outs = self.backend.block([BlockRow(j.state, j.hidden, j.passes) for j in group])
+            outs = self.backend.block([BlockRow(j.state, j.hidden, j.passes) for j in group],
+                                      complete=self.model.kv_strategy == "fill")
             self.metrics.block_calls += 1
             self.metrics.rows_per_call[len(group)] += 1
             for job, h in zip(group, outs):
                 job.hidden, job.passes = h, job.passes + 1
         cap = {id(j): min(loops, j.request.config.loops or loops) for j in jobs}
-        probe = [j for j in jobs if j.passes >= cap[id(j)] or j.exit is not None]
+        probe, forced = [], set()
+        for j in jobs:
+            if j.passes >= cap[id(j)]:
+                forced.add(id(j))
+            elif j.exit is not None and not j.exit.needs_logits():
+                if j.exit.decide(j.passes, None, None):  # a forced depth: the head only where it leaves
+                    forced.add(id(j))
+                else:
+                    continue
+            elif j.exit is None:
+                continue
+            probe.append(j)
         if not probe:
             return
         heads = self.backend.head([j.hidden[-1:] for j in probe])
         leaving = []
         for job, h in zip(probe, heads):
-            done = job.passes >= cap[id(job)]
-            if not done and job.exit is not None:
+            done = id(job) in forced
+            if not done:
                 gate = None if h.exit_score is None else float(h.exit_score[-1])
                 done = job.exit.decide(job.passes, h.logits[-1], gate)
             if done:

@@ -15,6 +15,9 @@ exit probability; it keeps what it needs between boundaries in a small per-token
                            checkpoint's own, e.g. Ouro's early_exit_threshold; 1.0 = every step,
                            run as `none` since the rule cannot fire before the last step)
     depth:D                every token exits after D passes (a forced depth, for measurements)
+    depth:LO-HI            every token exits after a depth in [LO, HI] picked by a hash of its
+                           argmax at the first boundary: forced, scattered depths (mean (LO+HI)/2)
+                           that are the same whichever scheduler or batch runs the token
     speculate:DxN          self-speculative decoding: draft N tokens at depth D, verify them at
                            full depth in one pass (outputs equal full depth)
 
@@ -40,6 +43,7 @@ class ExitPolicy:
     threshold: float = 0.0  # confidence TAU, entropy / kl MAX, gate threshold
     count: int = 1  # agreement: boundaries without change; depth: passes; speculate: draft tokens
     draft_depth: int = 0  # speculate: passes of a draft
+    low: int = 0  # depth:LO-HI: the shallowest forced depth (count is the deepest)
 
     @property
     def exits(self) -> bool:
@@ -51,7 +55,7 @@ class ExitPolicy:
         if self.kind == "agreement":
             return f"agreement:{self.count}"
         if self.kind == "depth":
-            return f"depth:{self.count}"
+            return f"depth:{self.low}-{self.count}" if self.low else f"depth:{self.count}"
         if self.kind == "speculate":
             return f"speculate:{self.draft_depth}x{self.count}"
         return f"{self.kind}:{self.threshold:g}"
@@ -59,10 +63,12 @@ class ExitPolicy:
 
 def parse_policy(text: str | None, *, loops: int, gate: bool = False, gate_threshold: float | None = None) -> ExitPolicy:
     """'confidence:0.9' -> ExitPolicy; one clear error for anything else."""
-    if text is None or text == "" or text == "none":
+    if text is None:
         return ExitPolicy()
     if not isinstance(text, str):
         raise EdgeloopError(f"exit policy must be a string such as 'confidence:0.9', got {text!r}")
+    if text.strip().lower() in ("", "none"):
+        return ExitPolicy()
     kind, _, arg = text.strip().partition(":")
     kind = kind.strip().lower()
     if kind not in POLICIES:
@@ -96,6 +102,15 @@ def parse_policy(text: str | None, *, loops: int, gate: bool = False, gate_thres
     if kind == "agreement":
         return ExitPolicy(kind, count=integer(1, max(1, loops - 1), "the number of boundaries") if arg else 1)
     if kind == "depth":
+        if "-" in arg:
+            lo, _, hi = arg.partition("-")
+            try:
+                low, high = int(lo), int(hi)
+            except ValueError:
+                raise EdgeloopError(f"exit policy {text!r}: depth needs D or LO-HI, e.g. depth:1-3") from None
+            if not 1 <= low < high <= loops:
+                raise EdgeloopError(f"exit policy {text!r}: the depths must satisfy 1 <= LO < HI <= {loops}")
+            return ExitPolicy(kind, count=high, low=low)
         return ExitPolicy(kind, count=integer(1, loops, "the depth"))
     if kind == "gate":
         if not gate:
@@ -117,6 +132,17 @@ def parse_policy(text: str | None, *, loops: int, gate: bool = False, gate_thres
     return ExitPolicy("speculate", count=count, draft_depth=d)
 
 
+def scattered_depth(token: int, low: int, high: int) -> int:
+    """A depth in [low, high] from a SplitMix64 finaliser of the token id: uniform over the
+    vocabulary, and a function of the token alone, so every scheduler forces the same depth."""
+    mask = (1 << 64) - 1
+    z = (token + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    return low + z % (high - low + 1)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     z = z - z.max()
@@ -135,9 +161,19 @@ class TokenExit:
     cdf: float = 0.0
     trace: list[float] = field(default_factory=list)
 
-    def decide(self, passes: int, logits: np.ndarray, gate: float | None) -> bool:
+    def needs_logits(self) -> bool:
+        """Does the next decision read the head's logits? Forced depths do not (once a scattered
+        depth is fixed at the first boundary), so the head runs only where the token leaves."""
+        p = self.policy
+        return p.kind != "depth" or (p.low > 0 and self.argmax < 0)
+
+    def decide(self, passes: int, logits: np.ndarray | None, gate: float | None) -> bool:
         """After `passes` passes (< B): leave the loop now?"""
         p = self.policy
+        if p.kind == "depth" and p.low:
+            if self.argmax < 0:  # the first boundary fixes this token's depth
+                self.argmax = scattered_depth(int(np.argmax(logits)), p.low, p.count)
+            return passes >= self.argmax
         if p.kind == "depth":
             return passes >= p.count
         if p.kind == "gate":

@@ -212,6 +212,7 @@ class Model:
         return set(self._tokenizer_section.eos_token_ids)
 
     def _run_streaming(self, request: Request) -> Iterator[str]:
+        self.backend.prepare(host=request.host or request.policy.kind == "speculate")
         state = self.backend.new_state(host=request.host)
         try:
             yield from request.run_alone(self.backend, state)
@@ -274,6 +275,7 @@ class Request:
     policy: object = None  # runtimes.exits.ExitPolicy
     strategy: str = "fill"
     generated: list[int] = field(default_factory=list)
+    prompt_history: list[int] = field(default_factory=list)  # earlier tokens already in the cache (chat turns)
     pieces: list[str] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
     done: bool = False
@@ -286,6 +288,11 @@ class Request:
     @property
     def text(self) -> str:
         return "".join(self.pieces)
+
+    @property
+    def history(self) -> list[int]:
+        """Every token of the sequence so far: what repetition_penalty looks at."""
+        return self.prompt_history + self.prompt + self.generated
 
     @property
     def host(self) -> bool:
@@ -304,7 +311,7 @@ class Request:
 
     def accept(self, out, state, max_context: int) -> bool:
         """Sample from a step's output; False when the request is finished."""
-        token = self.sampler(out.logits[-1], self.prompt + self.generated)
+        token = self.sampler(out.logits[-1], self.history)
         return self.push(token, int(out.depth), state, max_context)
 
     def push(self, token: int, depth: int, state, max_context: int) -> bool:
@@ -340,7 +347,7 @@ class Request:
 
         budget = min(self.config.max_new_tokens - len(self.generated), backend.max_context - state.length - 1)
         tokens, passes, counts = speculate(backend, state, self.generated[-1], self.policy, self.sampler,
-                                           self.prompt + self.generated, budget=max(1, budget))
+                                           self.history, budget=max(1, budget))
         self.stats.drafted += counts.drafted
         self.stats.accepted += counts.accepted
         for token, depth in zip(tokens, passes):

@@ -122,6 +122,11 @@ class OrtBackend:
         if streams > self.pool.rows:
             self.pool._resize(streams, self.pool.capacity)
 
+    def prepare(self, *, host: bool = False) -> None:
+        for entry in ("prologue", "block", "block_dense", "epilogue", "kv_fill") if host and self.host_loop else ():
+            if entry in self.contract.entry_points:
+                self._session(entry)
+
     def release(self, state: OrtState) -> None:
         if state.slot is not None:
             (self._host_pool if state.host else self.pool).release(state.slot)
@@ -289,8 +294,9 @@ class OrtBackend:
         (hidden,) = self._session("prologue").run([ep.named("hidden", output=True)], {ep.named("input_ids"): ids})
         return [hidden[i, :t] for i, t in enumerate(lengths)]
 
-    def block(self, rows: Sequence[BlockRow]) -> list[np.ndarray]:
-        ep, pool = self.contract.entry("block"), self._pool_for_host()
+    def block(self, rows: Sequence[BlockRow], *, complete: bool = False) -> list[np.ndarray]:
+        entry = "block_dense" if complete and "block_dense" in self.contract.entry_points else "block"
+        ep, pool = self.contract.entry(entry), self._pool_for_host()
         b = len(rows)
         lengths = [len(r.hidden) for r in rows]
         starts = [r.state.length if r.position is None else r.position for r in rows]
@@ -310,15 +316,16 @@ class OrtBackend:
             mask[i, start:] = False  # positions from this call on are the new tokens' own (causal part)
         feeds = {ep.named("hidden"): hidden, ep.named("depth"): np.array([r.depth for r in rows], np.int64),
                  ep.named("past_len"): np.array(starts, np.int64),
-                 ep.named("slot"): np.array([r.state.slot.row * reps + r.depth for r in rows], np.int64),
-                 ep.named("kv_valid"): mask}
+                 ep.named("slot"): np.array([r.state.slot.row * reps + r.depth for r in rows], np.int64)}
+        if ep.has("kv_valid"):
+            feeds[ep.named("kv_valid")] = mask
         for k in self._block_positions:
             for kind in ("key", "value"):
                 arr = pool.arrays[f"{kind[0]}.{k}"]
                 feeds[ep.named(f"kv_pool_{kind}", k)] = arr.reshape(-1, *arr.shape[2:])  # [rows * R, kvh, cap, hd]
         names = [ep.named("hidden", output=True)] + [ep.named(f"new_{kind}", k, output=True)
                                                       for k in self._block_positions for kind in ("key", "value")]
-        outs = self._session("block").run(names, feeds)
+        outs = self._session(entry).run(names, feeds)
         self._store(rows, starts, lengths, outs[1:])
         return [outs[0][i, :t] for i, t in enumerate(lengths)]
 

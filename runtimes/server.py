@@ -11,7 +11,7 @@ Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`)
 request (malformed JSON, unknown model, invalid values, a prompt beyond the context), 429 when
 the queue is full. A client that disconnects cancels its request and frees its row. edgeloop's
 own knobs ride along as extra fields: `exit` (the exit policy), `loops`, `top_k`, `min_p`,
-`repetition_penalty`; responses carry `usage` and an `edgeloop` block (mean loops, depths).
+`repetition_penalty`, `ignore_eos`; responses carry `usage` and an `edgeloop` block (mean loops, depths).
 The engine runs in its own thread; SIGTERM (uvicorn's graceful shutdown) drains it and exits.
 """
 
@@ -53,6 +53,7 @@ def create_app(model, engine, model_name: str):
         n: int = Field(default=1, ge=1, le=1)
         exit: str | None = None
         loops: int | None = Field(default=None, ge=1)
+        ignore_eos: bool = False  # an extension (as in vLLM): generate max_tokens whatever the model says
 
         @field_validator("temperature", "top_p", "min_p", "repetition_penalty")
         @classmethod
@@ -117,7 +118,8 @@ def create_app(model, engine, model_name: str):
         options = {k: v for k, v in {"max_new_tokens": body.max_completion_tokens or body.max_tokens,
                                      "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
                                      "min_p": body.min_p, "repetition_penalty": body.repetition_penalty,
-                                     "seed": body.seed, "stop": stop, "exit": body.exit, "loops": body.loops}.items()
+                                     "seed": body.seed, "stop": stop, "exit": body.exit, "loops": body.loops,
+                                     "ignore_eos": body.ignore_eos or None}.items()
                    if v is not None}
         config = model.generation_config(**options)
         return model._request(prompt, config)

@@ -45,24 +45,40 @@ class StepResult(RowOutput):
     exits: list[float] = field(default_factory=list)
 
 
-def host_step(backend, rows: Sequence[StepRow], *, strategy: str = "fill") -> list[StepResult]:
+def host_step(backend, rows: Sequence[StepRow], *, strategy: str = "fill",
+              complete: bool | None = None) -> list[StepResult]:
+    """One token (or prompt) of each row through the loop, each leaving at its own exit.
+    complete: every earlier position holds K/V at every depth the rows reach (default: the fill
+    strategy guarantees it; recursion-wise attention leaves holes)."""
     loops = backend.loops
+    complete = strategy == "fill" if complete is None else complete
     hidden = backend.embed([Row(r.state, r.tokens) for r in rows])
     out: list[StepResult | None] = [None] * len(rows)
     live = list(range(len(rows)))
     for p in range(loops):
-        new = backend.block([BlockRow(rows[i].state, hidden[i], p) for i in live])
+        new = backend.block([BlockRow(rows[i].state, hidden[i], p) for i in live], complete=complete)
         for i, h in zip(live, new):
             hidden[i] = h
         last = p == loops - 1
-        probe = [i for i in live if last or (rows[i].cap is not None and rows[i].cap <= p + 1)
-                 or (rows[i].exit is not None and rows[i].exit.policy.exits)]
+        probe, leaving = [], set()
+        for i in live:
+            row = rows[i]
+            if last or (row.cap is not None and row.cap <= p + 1):
+                leaving.add(i)
+            elif row.exit is not None and row.exit.policy.exits:
+                if row.exit.needs_logits():
+                    probe.append(i)
+                    continue
+                if row.exit.decide(p + 1, None, None):  # a forced depth: the head only where it leaves
+                    leaving.add(i)
+            if i in leaving:
+                probe.append(i)
         if probe:
             heads = backend.head([hidden[i] if rows[i].all_logits else hidden[i][-1:] for i in probe])
             for i, h in zip(probe, heads):
                 row = rows[i]
-                done = last or (row.cap is not None and row.cap <= p + 1)
-                if not done and row.exit is not None:
+                done = i in leaving
+                if not done:
                     gate = None if h.exit_score is None else float(h.exit_score[-1])
                     done = row.exit.decide(p + 1, h.logits[-1], gate)
                 if done:
@@ -107,14 +123,14 @@ def speculate(backend, state, last_token: int, policy: ExitPolicy, sampler, hist
     token = last_token
     for _ in range(n):  # `depth` passes per draft token; the deeper depths wait for the verify pass
         res = host_step(backend, [StepRow(state, np.array([token]), cap=depth, keep_hidden=True)],
-                        strategy="recursion")[0]
+                        strategy="recursion", complete=True)[0]  # drafts stop short; the verify completes them
         draft_hidden.append(res.hidden[-1])
         draft_logits.append(res.logits[-1])
         token = sampler.draft(res.logits[-1], history + drafts)
         drafts.append(token)
     x = np.stack(draft_hidden)  # [n, H]: fed tokens (last_token, drafts[:-1]) after `depth` passes
     for p in range(depth, loops):
-        x = backend.block([BlockRow(state, x, p, position=start)])[0]
+        x = backend.block([BlockRow(state, x, p, position=start)], complete=True)[0]
     full = backend.head([x])[0].logits  # [n, V]
     out: list[int] = []
     accepted = 0

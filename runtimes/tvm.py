@@ -149,6 +149,9 @@ class TvmBackend:
             state.written = [[] for _ in range(group.per_stream)]
         return state
 
+    def prepare(self, *, host: bool = False) -> None:
+        """Nothing to load lazily: every function is ready after load."""
+
     def release(self, state: TvmState) -> None:
         group = state.group
         if group is None:
@@ -245,8 +248,8 @@ class TvmBackend:
         hidden = self._call("prologue", self._tensor(ids), self.params).numpy()
         return np.split(hidden, np.cumsum(lengths)[:-1])
 
-    def block(self, rows: Sequence[BlockRow]) -> list[np.ndarray]:
-        return self._host_call("block", rows)
+    def block(self, rows: Sequence[BlockRow], *, complete: bool = False) -> list[np.ndarray]:
+        return self._host_call("block", rows)  # the written-position lists are exact either way
 
     def kv_fill(self, rows: Sequence[BlockRow]) -> None:
         """Append at each row's depth the K/V computed from the hidden states it is given (a token's exit
@@ -274,7 +277,7 @@ class TvmBackend:
             by_group.setdefault(id(r.state.group), []).append(i)
         for members in by_group.values():
             group = rows[members[0]].state.group
-            lengths, seqs, depth, pos = [], [], [], []
+            work = []  # (row index, sequence id, start position, hidden [t, H])
             for i in members:
                 r = rows[i]
                 start = r.state.length if r.position is None else r.position
@@ -284,23 +287,35 @@ class TvmBackend:
                     self._popn(group.kv, group.seq(r.state.slot, r.depth), stale)
                     del written[len(written) - stale:]
                 t = len(r.hidden)
+                if start + t > self.max_context:
+                    raise EdgeloopError(f"{start + t} tokens exceed the artifact's context of {self.max_context}")
                 written.extend(range(start, start + t))
-                lengths.append(t)
-                seqs.append(group.seq(r.state.slot, r.depth))
-                depth += [r.depth] * t
-                pos += list(range(start, start + t))
-            if max(pos) >= self.max_context:
-                raise EdgeloopError(f"{max(pos) + 1} tokens exceed the artifact's context of {self.max_context}")
-            x = np.concatenate([np.asarray(rows[i].hidden, self._float) for i in members])
-            self._begin(group.kv, tvm.runtime.ShapeTuple(seqs), tvm.runtime.ShapeTuple(lengths))
-            try:
-                y = self._call(entry, self._tensor(x), group.kv, self._tensor(np.asarray(depth, np.int32)),
-                               self._tensor(np.asarray(pos, np.int32)), self.params)
-            finally:
-                self._end(group.kv)
-            if entry == "block":
-                for i, part in zip(members, np.split(y.numpy(), np.cumsum(lengths)[:-1])):
-                    out[i] = part
+                work.append((i, group.seq(r.state.slot, r.depth), start, np.asarray(r.hidden, self._float)))
+            # one call when the tokens fit the cache's prefill chunk; else each row alone, chunk by chunk
+            # (a chunk attends to the row's earlier chunks, already in the cache)
+            if sum(len(h) for *_, h in work) <= self._chunk:
+                calls = [work]
+            else:
+                calls = [[(i, seq, start + o, h[o:o + self._chunk])] for i, seq, start, h in work
+                         for o in range(0, len(h), self._chunk)]
+            parts: dict[int, list[np.ndarray]] = {}
+            for call in calls:
+                lengths = [len(h) for *_, h in call]
+                depth = [rows[i].depth for i, *_, h in call for _ in range(len(h))]
+                pos = [p for _, _, start, h in call for p in range(start, start + len(h))]
+                self._begin(group.kv, tvm.runtime.ShapeTuple([seq for _, seq, _, _ in call]),
+                            tvm.runtime.ShapeTuple(lengths))
+                try:
+                    y = self._call(entry, self._tensor(np.concatenate([h for *_, h in call])), group.kv,
+                                   self._tensor(np.asarray(depth, np.int32)), self._tensor(np.asarray(pos, np.int32)),
+                                   self.params)
+                finally:
+                    self._end(group.kv)
+                if entry == "block":
+                    for (i, *_), part in zip(call, np.split(y.numpy(), np.cumsum(lengths)[:-1])):
+                        parts.setdefault(i, []).append(part)
+            for i, chunks in parts.items():
+                out[i] = np.concatenate(chunks)
         return out
 
     def head(self, hidden: Sequence[np.ndarray]) -> list[RowOutput]:

@@ -109,12 +109,18 @@ def test_block_step_at_every_depth(compiled, converted, preset, backend):
     assert got.keys() == expected.keys()
     for key in expected:
         assert np.abs(got[key] - expected[key]).max() <= TOL, (backend, key)
+    # every position is complete here: the dense block (GroupQueryAttention, no validity mask) agrees
+    dense = _staggered(model.backend, prompts, tokens, complete=True)
+    if backend == "ort-unrolled" and model.backend.contract.model.head_dim % 8 == 0:
+        assert "block_dense" in model.backend.contract.entry_points
+    for key in expected:
+        assert np.abs(dense[key] - expected[key]).max() <= TOL, (backend, key, "dense")
     # full depth on the host equals the fused graph on the same tokens
     fused = model.logits(np.concatenate([prompts[2], tokens[2]]))
     assert np.abs(got[(2, 2, model.backend.loops - 1)] - fused[-1]).max() <= TOL
 
 
-def _staggered(backend, prompts, tokens) -> dict:
+def _staggered(backend, prompts, tokens, complete: bool = False) -> dict:
     """Prefill every row at full depth together; then decode with the rows a pass apart, so every block
     call mixes depths (row i starts its token's passes i calls after row 0). Returns the head's logits
     of every (row, token, depth)."""
@@ -122,7 +128,7 @@ def _staggered(backend, prompts, tokens) -> dict:
     states = [backend.new_state(host=True) for _ in prompts]
     h = backend.embed([Row(s, p) for s, p in zip(states, prompts)])
     for r in range(loops):
-        h = backend.block([BlockRow(s, x, r) for s, x in zip(states, h)])
+        h = backend.block([BlockRow(s, x, r) for s, x in zip(states, h)], complete=complete)
     for s, p in zip(states, prompts):
         backend.advance(s, len(p))
     probes = {}
@@ -143,7 +149,7 @@ def _staggered(backend, prompts, tokens) -> dict:
             batch.append(BlockRow(states[i], hidden[i], r))
         if batch:
             assert len(rows) < 2 or len({b.depth for b in batch}) > 1 or loops == 1
-            outs = backend.block(batch)
+            outs = backend.block(batch, complete=complete)
             heads = backend.head(outs)
             for i, x, o in zip(rows, outs, heads):
                 t, r = work[i].pop(0)
@@ -186,10 +192,10 @@ def test_debug_dump_writes_every_pass(converted, tmp_path):
     md = converted("llama", loops=2, lora_rank=4)
     edgeloop.compile(md, tmp_path / "a", quant="int4", debug_dump=str(tmp_path / "dump"))
     passes = sorted(p.name for p in (tmp_path / "dump").iterdir())
-    assert passes == [f"00-build"] + [f"{i:02d}-{name}" for i, (name, _) in enumerate(PASSES, start=1)]
+    assert passes == ["00-build"] + [f"{i:02d}-{name}" for i, (name, _) in enumerate(PASSES, start=1)]
     for p in passes:
         files = sorted(f.name for f in (tmp_path / "dump" / p).iterdir())
-        assert files == ["block.txt", "epilogue.txt", "forward.txt", "kv_fill.txt", "prologue.txt"]
+        assert files == ["block.txt", "block_dense.txt", "epilogue.txt", "forward.txt", "kv_fill.txt", "prologue.txt"]
     quantized = (tmp_path / "dump" / "01-quantize" / "forward.txt").read_text()
     assert "MatMulNBits" in quantized and "MatMulNBits" not in (tmp_path / "dump" / "00-build" / "forward.txt").read_text()
     assert not (tmp_path / "a" / "debug").exists()  # the artifact holds only what runs
@@ -197,3 +203,17 @@ def test_debug_dump_writes_every_pass(converted, tmp_path):
     edgeloop.compile(md, tmp_path / "t", backend="tvm", debug_dump=str(tmp_path / "tdump"))
     dumped = sorted(p.name for p in (tmp_path / "tdump").iterdir())
     assert dumped[0] == "000-built.py" and len(dumped) > 20 and any("LegalizeOps" in n for n in dumped)
+
+
+def test_tvm_host_loop_feeds_long_prompts_in_prefill_chunks(compiled):
+    """A prompt longer than the paged cache's prefill chunk goes through the host-driven loop chunk by
+    chunk (as the fused path does): same logits and tokens as with a chunk that holds it whole."""
+    model = compiled("llama", "tvm")
+    prompt = list(_prompts(1, model.backend.vocab_size, seed=3)[0]) * 3  # ~20-40 tokens
+    expected = model.generate_tokens(prompt, max_new_tokens=4, ignore_eos=True, exit="depth:2")
+    fresh = edgeloop.load(model.path)
+    fresh.backend._chunk = 8  # the cache of every state made from now on takes 8 tokens per call
+    assert len(prompt) > 8
+    assert fresh.generate_tokens(prompt, max_new_tokens=4, ignore_eos=True, exit="depth:2") == expected
+    assert fresh.generate_tokens(prompt, max_new_tokens=4, ignore_eos=True) == \
+        model.generate_tokens(prompt, max_new_tokens=4, ignore_eos=True)

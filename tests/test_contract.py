@@ -131,11 +131,13 @@ def _all_nodes(graph):
 
 def test_contract_describes_the_entry_points(artifacts):
     c = C.load(artifacts["unrolled"])
-    assert set(c.entry_points) == {"forward", "prologue", "block", "kv_fill", "epilogue"}
+    assert set(c.entry_points) == {"forward", "prologue", "block", "block_dense", "kv_fill", "epilogue"}
     assert c.loop.host_loop and c.loop.loops == 2 and c.kv.kind == "host" and c.kv.inplace
     block = c.entry("block")
     roles = {t.role for t in block.inputs}
-    assert {"hidden", "depth", "past_len", "slot", "kv_pool_key", "kv_pool_value"} <= roles
+    assert {"hidden", "depth", "past_len", "slot", "kv_pool_key", "kv_pool_value", "kv_valid"} <= roles
+    # the dense variant (every earlier position present at the row's depth) needs no validity mask
+    assert {t.role for t in c.entry("block_dense").inputs} == roles - {"kv_valid"}
     if "tvm" in artifacts:
         t = C.load(artifacts["tvm"])
         assert t.kv.kind == "paged" and {"forward", "decode", "block", "kv_fill", "create_step_kv_cache"} \

@@ -10,6 +10,7 @@ import torch
 
 import edgeloop
 from edgeloop.errors import EdgeloopError
+from edgeloop.runtimes.exits import parse_policy
 from conftest import BUNDLED, run_cli
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250]
@@ -135,6 +136,18 @@ def test_policies_and_caps(models):
     assert _run(ref, "depth:2")[1][1:] == [2] * (NEW - 1)
     tokens, depths = _run(ref, "none", loops=2)  # --loops caps every token: the model cut to two loops
     assert depths == [2] * NEW and len(tokens) == NEW
+    # scattered forced depths: a function of each token's first-boundary argmax, within [LO, HI]
+    tokens, depths = _run(ref, "depth:1-3")
+    assert set(depths[1:]) <= {1, 2, 3} and len(tokens) == NEW
+    assert _run(ref, "depth:1-3") == (tokens, depths)
+
+
+def test_scattered_depth_is_uniform_and_in_range():
+    from edgeloop.runtimes.exits import scattered_depth
+
+    picks = [scattered_depth(t, 1, 3) for t in range(30000)]
+    assert set(picks) == {1, 2, 3} and abs(np.mean(picks) - 2.0) < 0.02
+    assert str(parse_policy("depth:1-3", loops=4)) == "depth:1-3"
 
 
 def test_self_speculation_equals_full_depth(models):
@@ -163,6 +176,7 @@ def test_batch_with_exits_equals_one_by_one(models):
 @pytest.mark.parametrize("policy, needle", [("sometimes", "unknown exit policy"), ("confidence:1.5", "threshold"),
                                             ("confidence:x", "needs a number"), ("agreement:0", "must be in"),
                                             ("speculate:4x2", "draft depth"), ("depth:9", "must be in"),
+                                            ("depth:3-2", "LO < HI"), ("depth:1-x", "LO-HI"),
                                             ("gate:0.5", "learned exit gate")])
 def test_bad_policies(models, policy, needle):
     with pytest.raises(EdgeloopError, match=needle):
@@ -230,9 +244,39 @@ def test_uptrain_lowers_the_loss_and_resumes(tmp_path):
     finally:
         up.distill_loss = original
     assert (tmp_path / ".out2.uptrain-checkpoint" / "state.pt").is_file()
-    resumed = uptrain(tmp_path / "r8", [tmp_path / "train.txt"], tmp_path / "out2", steps=6, resume=True, **common)
+    resumed = uptrain(tmp_path / "r8", [tmp_path / "train.txt"], tmp_path / "out2", steps=6, resume=True,
+                      save_dtype="float16", **common)
     assert resumed.loss_last == pytest.approx(result.loss_last, rel=1e-4)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out2" / "model.safetensors"), "np") as f:  # stored half size, read as float32
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert edgeloop.load(tmp_path / "out2").logits([5, 6]).dtype == np.float32
     r = run_cli("uptrain", tmp_path / "r8", "--data", tmp_path / "missing.txt", "-o", tmp_path / "x")
     assert r.returncode == 2 and "not found" in r.stderr
     r = run_cli("uptrain", tmp_path / "r8", "--data", tmp_path / "train.txt", "-o", tmp_path / "x", "--lr", "-1")
     assert r.returncode == 2 and "--lr" in r.stderr
+
+
+SHIPPED = BUNDLED.parent / "kjv-tiny-loop"
+
+
+def test_shipped_uptrained_model(tmp_path):
+    """examples/kjv-tiny-loop: its loop boundaries are usable exits (loop 3 within 4%, loop 2 within 8% of
+    full depth on held-out text), it finds its teacher through a relative path, and compile reports its
+    size against that checkpoint."""
+    import torch
+
+    from edgeloop.checkpoint import read_model_dir
+    from edgeloop.reference import ReferenceModel
+    from edgeloop.uptrain import UptrainOptions, _teacher_dir, _tokens, per_loop_perplexity
+
+    md = read_model_dir(SHIPPED)
+    assert _teacher_dir(md, UptrainOptions()).resolve() == BUNDLED.resolve()
+    ids = _tokens([BUNDLED / "heldout.txt"], edgeloop.load(SHIPPED).tokenizer)[:1024]
+    student = ReferenceModel(md.spec, md.recursion, md.tensors)
+    loops = per_loop_perplexity(student, student, ids, torch.device("cpu"))[:-1]
+    assert loops[2] <= 1.04 * loops[3] and loops[1] <= 1.08 * loops[3] and loops[0] > loops[3]
+    r = run_cli("compile", SHIPPED, "-o", tmp_path / "a", "--json")
+    summary = json.loads(r.stdout)
+    assert r.returncode == 0 and summary["original_checkpoint_bytes"] == (BUNDLED / "model.safetensors").stat().st_size

@@ -69,8 +69,11 @@ def test_incremental_decoding_never_splits_utf8(full_rank):
 
 
 
-def test_chat_reuses_kv_and_matches_a_single_pass(full_rank):
-    options = dict(max_new_tokens=10, ignore_eos=True)
+@pytest.mark.parametrize("penalty", [None, 1.8])
+def test_chat_reuses_kv_and_matches_a_single_pass(full_rank, penalty):
+    """A second turn (KV reused) equals generating the whole conversation from scratch, also with a
+    repetition penalty, which must see the earlier turns' tokens too."""
+    options = dict(max_new_tokens=10, ignore_eos=True, **({"repetition_penalty": penalty} if penalty else {}))
     chat = full_rank.chat(system="be brief", **options)
     chat.send("hello there")
     cached_after_first = len(chat.cached)
@@ -80,6 +83,24 @@ def test_chat_reuses_kv_and_matches_a_single_pass(full_rank):
     messages = chat.messages[:-1]
     prompt = full_rank.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert full_rank.generate(prompt, **options) == second
+
+
+def test_chat_penalty_sees_the_whole_conversation(full_rank, monkeypatch):
+    """The repetition penalty of a later turn covers the earlier turns' tokens (the KV reuse feeds only
+    the new ones)."""
+    from edgeloop.runtimes.sampling import Sampler
+
+    seen = []
+    original = Sampler.__call__
+    monkeypatch.setattr(Sampler, "__call__", lambda self, logits, history=(): (seen.append(list(history)),
+                                                                                original(self, logits, history))[1])
+    chat = full_rank.chat(max_new_tokens=3, ignore_eos=True, repetition_penalty=1.5)
+    chat.send("hello there")
+    seen.clear()
+    chat.send("and again")
+    conversation = full_rank.tokenizer.encode(
+        full_rank.tokenizer.apply_chat_template(chat.messages[:-1], add_generation_prompt=True))
+    assert seen[0][:len(conversation)] == conversation
 
 
 def test_perplexity_matches_logits(full_rank):

@@ -18,9 +18,7 @@ EDGELOOP_REQUIRE_NATIVE=1 (then it fails).
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import subprocess
 import zlib
 from pathlib import Path
@@ -35,7 +33,6 @@ from tokenizers import pre_tokenizers as P  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 NATIVE = REPO / "runtimes" / "native"
 KJV = REPO / "examples" / "kjv-tiny"
-REQUIRE = os.environ.get("EDGELOOP_REQUIRE_NATIVE") == "1"
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -72,46 +69,13 @@ HAND_CASES = [
 ]
 
 
-def _skip_or_fail(reason: str):
-    if REQUIRE:
-        pytest.fail(f"{reason} (EDGELOOP_REQUIRE_NATIVE=1)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def tool(tmp_path_factory) -> Path:
-    """Configure and build runtimes/native once; returns the tokenizer_tool executable.
+    """Configure and build runtimes/native once (shared with the other native test modules and the
+    pytest-xdist workers, see test_native_build.py); returns the tokenizer_tool executable."""
+    from test_native_build import native_build
 
-    Under pytest-xdist the workers share one build directory (guarded by a file lock), so the
-    library is compiled once per session rather than once per worker.
-    """
-    if shutil.which("cmake") is None:
-        _skip_or_fail("cmake not found")
-    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        _skip_or_fail("no C++ compiler found")
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        build = tmp_path_factory.getbasetemp().parent / "edgeloop-native-build"
-        build.mkdir(exist_ok=True)
-    else:
-        build = tmp_path_factory.mktemp("native-build")
-    exe = build / "tokenizer_tool"
-    with open(build / ".lock", "w") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:  # not POSIX: no xdist sharing needed for correctness, just speed
-            pass
-        if not (build / ".built").exists():
-            cfg = subprocess.run(["cmake", "-S", str(NATIVE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
-                                 capture_output=True, text=True)
-            if cfg.returncode != 0:
-                _skip_or_fail("cannot configure runtimes/native (missing cmake >= 3.20, pkg-config, PCRE2, "
-                              "utf8proc or nlohmann-json?): " + (cfg.stderr or cfg.stdout).strip()[-600:])
-            out = subprocess.run(["cmake", "--build", str(build), "-j2", "--target", "tokenizer_tool"],
-                                 capture_output=True, text=True)
-            assert out.returncode == 0, "native build failed:\n" + (out.stdout + out.stderr)[-4000:]
-            (build / ".built").write_text("ok")
+    exe = native_build(tmp_path_factory, "tokenizer_tool", runtime=False) / "tokenizer_tool"
     assert exe.exists()
     return exe
 

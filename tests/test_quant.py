@@ -176,8 +176,9 @@ def size_model(tmp_path_factory):
     return root / "model"
 
 
-def _artifact_bytes(contract):
-    return sum(f.bytes for name, f in contract.files.items() if name.endswith((".onnx", ".onnx.data")))
+def _artifact_bytes(contract, data_only: bool = False):
+    ends = (".onnx.data",) if data_only else (".onnx", ".onnx.data")
+    return sum(f.bytes for name, f in contract.files.items() if name.endswith(ends))
 
 
 def test_sizes(size_model, tmp_path):
@@ -190,7 +191,9 @@ def test_sizes(size_model, tmp_path):
         packed = _init_bytes(out, [f"{b}.{s}" for b in block for s in ("q4", "qscales", "qzeros")])
         assert packed <= limit * fp32_block, (symmetric, block_size, packed / fp32_block)
     full = edgeloop.compile(size_model, tmp_path / "int4-emb", quant="int4", quantize_embeddings=True)
-    assert _artifact_bytes(full) <= 0.2 * _artifact_bytes(fp32)
+    # the weights shrink 5x; the graphs (six entry points, ~0.1 MB) are a fixed cost on this 7 MB model
+    assert _artifact_bytes(full, data_only=True) <= 0.2 * _artifact_bytes(fp32, data_only=True)
+    assert _artifact_bytes(full) <= 0.22 * _artifact_bytes(fp32)
     assert full.quality["size_vs_fp32"] <= 0.2 and "embed.weight" not in full.quantization["kept_float"]
     kept = edgeloop.compile(size_model, tmp_path / "kept", quant="int4", quantize_embeddings=True,
                             keep_float=["embed.*", "b0.down.W"])

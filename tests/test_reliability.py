@@ -17,7 +17,7 @@ import pytest
 import edgeloop
 from edgeloop.errors import EdgeloopError
 from edgeloop.presets import make_hf_checkpoint
-from conftest import run_cli
+from conftest import BUNDLED, run_cli
 
 
 def clean_failure(r, *needles):
@@ -492,9 +492,13 @@ def test_stale_temporaries_are_cleaned(model_dir, tmp_path):
 
 def test_output_follows_umask(model_dir, tmp_path):
     code = ("import os, edgeloop; os.umask(0o027); "
-            f"edgeloop.compile({str(model_dir)!r}, {str(tmp_path / 'out')!r}, optimize=False)")
+            f"edgeloop.compile({str(model_dir)!r}, {str(tmp_path / 'out')!r}, optimize=False); "
+            f"edgeloop.convert({str(BUNDLED)!r}, {str(tmp_path / 'md')!r}, loops=2, lora_rank='4')")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
-    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+    for out in ("out", "md"):
+        assert stat.S_IMODE((tmp_path / out).stat().st_mode) == 0o750
+        # every file too, including the ones safetensors writes 0600
+        assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / out).iterdir()} == {0o640}, out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from edgeloop.runtimes.backend import Row  # noqa: E402
 
 FAMILIES = sorted(TINY)
 PROMPT, DECODE_STEPS, TOL = 12, 8, 1e-4
-CROSS_TARGETS = ("cuda", "android-cpu", "android-opencl", "ios-metal", "webgpu")
+CROSS_TARGETS = ("cuda", "android-cpu", "android-opencl", "ios-cpu", "ios-metal", "webgpu")
 
 
 @pytest.fixture(scope="session")
@@ -146,8 +146,8 @@ def test_int4_matches_dequantized_reference(preset, q, converted, tvm_compiled):
 
 
 # cross targets: int4 on the CPU-schedule path and two GPU paths, fp32 on the others
-@pytest.mark.parametrize("target,quant", [("cuda", "int4"), ("android-cpu", "int4"), ("ios-metal", "int4"),
-                                          ("android-opencl", "none"), ("webgpu", "none")])
+@pytest.mark.parametrize("target,quant", [("cuda", "int4"), ("android-cpu", "int4"), ("ios-cpu", "int4"),
+                                          ("ios-metal", "int4"), ("android-opencl", "none"), ("webgpu", "none")])
 def test_cross_target_compiles(target, quant, converted, tvm_compiled):
     assert {target} <= set(CROSS_TARGETS)
     artifact = tvm_compiled(converted("llama", loops=2, lora_rank=8), target, quant=quant)
