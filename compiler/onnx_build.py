@@ -125,7 +125,7 @@ def _loop_norm(g: GraphBuilder, spec: ModelSpec, tensors: dict, x: str) -> str:
 
 
 def build_forward(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout: str, float_dtype=np.float32,
-                  lora_dtype=np.float32, fuse_lora_b: bool = True) -> tuple[BuiltGraph, bool]:
+                  lora_dtype=np.float32, fuse_lora_b: bool = False) -> tuple[BuiltGraph, bool]:
     """The fused graph and whether it writes its KV in place (GroupQueryAttention)."""
     inplace = layout == "unrolled" and gqa_supported(spec)
     g = GraphBuilder("edgeloop", float_dtype=float_dtype)
@@ -331,13 +331,12 @@ def build_epilogue(spec: ModelSpec, tensors: dict, *, float_dtype=np.float32) ->
 
 
 def build_graphs(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout: str, float_dtype=np.float32,
-                 lora_dtype=np.float32, block_lora_dtype=None,
-                 lora_int8: bool = False) -> tuple[list[BuiltGraph], bool]:
+                 lora_dtype=np.float32, block_lora_dtype=None) -> tuple[list[BuiltGraph], bool]:
     """Every entry point's graph (forward first) and whether the forward graph writes KV in place.
     block_lora_dtype: the block step's LoRA storage when it differs (int8 LoRA runs only as MatMulNBits
     initializers of the unrolled graph; the block step gathers float16 factors)."""
     forward, inplace = build_forward(spec, recursion, tensors, layout=layout, float_dtype=float_dtype,
-                                     lora_dtype=lora_dtype, fuse_lora_b=not lora_int8)
+                                     lora_dtype=lora_dtype)
     graphs = [forward]
     if has_host_loop(recursion):
         graphs += [build_prologue(spec, tensors, float_dtype=float_dtype),

@@ -119,13 +119,15 @@ class LayerWeights(ABC):
         return self.per_depth(key) if self.bt.per_depth else self.shared(key, self.bt.biases[group.name][0])
 
     def lora(self, group: Group) -> LoraPlan | None:
-        """This depth's LoRA of a group: A [in, r_total] and, when the factors stay float, one
-        block-diagonal B [r_total, out_total] (each member's B in its own rows and output columns,
-        zeros elsewhere) so the whole group's update is two matmuls and one add before the split,
-        instead of a split, then a matmul and an add per member (per-node overhead is most of a
-        decode step at small widths). Built from the per-depth initializers with constant Pad and
-        Concat nodes, which ORT folds when the session loads: on disk the factors stay as they are.
-        int8 LoRA keeps one matmul per member (the quantizer turns each into a MatMulNBits)."""
+        """This depth's LoRA of a group: A [in, r_total], then one matmul per member's B after the
+        group's split (the default), or with fuse_lora_b one block-diagonal B [r_total, out_total]
+        (each member's B in its own rows and output columns, zeros elsewhere): two matmuls and one
+        add before the split. Built from the per-depth initializers with constant Pad and Concat
+        nodes, which ORT folds when the session loads: on disk the factors stay as they are.
+        Measured on the bundled model's fused graph (int4, 2 threads, `edgeloop bench`, 5-7
+        interleaved rounds): no gain at rank 8 (657 vs 653 tok/s) and 6-9% slower at rank 32 (the
+        zeros triple the B matmul of q/k/v), so the fused graphs keep one matmul per member; the
+        block step, whose rows need every depth's factors at once, uses the block-diagonal form."""
         if group.name not in self.bt.lora_a:
             return None
         members = [m for m in group.members if m.rank and m.name in self.bt.lora_b[group.name]]
@@ -167,7 +169,7 @@ class LayerWeights(ABC):
 class FixedDepth(LayerWeights):
     """Unrolled code: repeat `repeat` of the block reads its own initializers."""
 
-    def __init__(self, g, bt, depths: list[int], *, repeat: int, lora_dtype=np.float32, fuse_lora_b: bool = True):
+    def __init__(self, g, bt, depths: list[int], *, repeat: int, lora_dtype=np.float32, fuse_lora_b: bool = False):
         super().__init__(g, bt, depths, lora_dtype, fuse_lora_b)
         self.repeat = repeat
 

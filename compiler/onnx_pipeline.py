@@ -232,8 +232,7 @@ def build(model, options, out_dir: Path):
     lora_dtype = np.float16 if options.lora_dtype == "float16" else float_dtype
     graphs, inplace = build_graphs(model.spec, model.recursion, model.tensors, layout=options.layout,
                                    float_dtype=float_dtype, lora_dtype=lora_dtype,
-                                   block_lora_dtype=np.float16 if options.lora_dtype == "int8" else None,
-                                   lora_int8=options.lora_dtype == "int8")
+                                   block_lora_dtype=np.float16 if options.lora_dtype == "int8" else None)
     prog = Program(graphs, {g.name: g.model() for g in graphs}, {g.name: g.kinds for g in graphs}, inplace)
     dump = Path(options.debug_dump) if options.debug_dump else None
     if dump:

@@ -3,9 +3,10 @@
     python examples/compare_commits.py --base 8e87053 --model examples/kjv-tiny --loops 4 --lora-rank 32 \
         [--compile "--quant int4"] [--tokens 128] [--rounds 6] [--threads 2] [--work /tmp/commits]
 
-The base commit is checked out as a git worktree under --work and run from there (PYTHONPATH, with
-the package layout of pyproject.toml rebuilt as symlinks), so each side converts, compiles and runs
-with its own code: artifacts of different format versions cannot be read by the other runtime.
+The base commit is checked out as a git worktree under --work and run from there (first on
+sys.path, the editable install's import hook removed, the package layout of pyproject.toml rebuilt
+as symlinks), so each side converts, compiles and runs with its own code: artifacts of different
+format versions cannot be read by the other runtime.
 The same checkpoint is converted and compiled by both; then decode is measured in fresh processes,
 alternating base / head for --rounds rounds (greedy, --tokens tokens after a 64-token prompt, full
 depth), and the medians are compared.
@@ -54,10 +55,19 @@ def tree(work: Path, rev: str) -> Path:
     return pkg
 
 
+# the editable install's import hook would find this checkout first: drop it, then import from the tree
+PREAMBLE = """import sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path.insert(0, {path!r})
+import edgeloop
+assert edgeloop.__file__.startswith({path!r}), edgeloop.__file__
+"""
+
+
 def run(pythonpath: Path | None, code: str, *args: str) -> str:
     env = dict(os.environ)
     if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
+        code = PREAMBLE.format(path=str(pythonpath)) + code
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-2000:])

@@ -151,7 +151,8 @@ class Model:
         """Token ids generated after `prompt_ids` (no tokenizer needed)."""
         config = self.generation_config(**options)
         request = self._request(check_tokens(self.backend, prompt_ids, what="prompt ids").tolist(), config, text=False)
-        self._run_batch([request])
+        for _ in self._run_streaming(request):  # one sequence: no scheduler between the steps
+            pass
         self.last_stats = request.stats
         return request.generated
 
@@ -291,7 +292,10 @@ class Request:
 
     @property
     def history(self) -> list[int]:
-        """Every token of the sequence so far: what repetition_penalty looks at."""
+        """Every token of the sequence so far: what repetition_penalty looks at (nothing without one,
+        so a plain decode step does not copy the sequence)."""
+        if self.config.repetition_penalty == 1.0:
+            return []
         return self.prompt_history + self.prompt + self.generated
 
     @property

@@ -79,6 +79,7 @@ class OrtBackend:
         self.pool = KVPool(shapes, head_dim=kv.head_dim, dtype=self.dtype, chunk=kv.capacity_chunk,
                            max_context=kv.max_context)
         self._bindings: dict[tuple, _Binding] = {}
+        self._zero_position = np.zeros((1, 1), np.int64)  # logit position of a lone decode token
         self._host_pool: KVPool | None = None
 
     # -- sessions ------------------------------------------------------------------------------
@@ -181,13 +182,19 @@ class OrtBackend:
         lengths = [len(r.tokens) for r in rows]
         t_max = max(lengths)
         self.pool.reserve(max(r.state.length + t for r, t in zip(rows, lengths)))
-        ids = np.zeros((b, t_max), np.int64)
-        for i, r in enumerate(rows):
-            ids[i, :lengths[i]] = r.tokens
-        wanted = [np.arange(t) if r.all_logits else np.array([t - 1]) for r, t in zip(rows, lengths)]
-        n = max(len(w) for w in wanted)
-        positions = np.stack([np.pad(w, (0, n - len(w)), mode="edge") for w in wanted]).astype(np.int64)
-        past = np.array([r.state.length for r in rows], np.int64)
+        if b == 1 and t_max == 1 and not rows[0].all_logits:  # one decode token: the common case, kept lean
+            ids = np.asarray(rows[0].tokens, np.int64).reshape(1, 1)
+            wanted, n = [None], 1
+            positions = self._zero_position
+            past = np.array([rows[0].state.length], np.int64)
+        else:
+            ids = np.zeros((b, t_max), np.int64)
+            for i, r in enumerate(rows):
+                ids[i, :lengths[i]] = r.tokens
+            wanted = [np.arange(t) if r.all_logits else np.array([t - 1]) for r, t in zip(rows, lengths)]
+            n = max(len(w) for w in wanted)
+            positions = np.stack([np.pad(w, (0, n - len(w)), mode="edge") for w in wanted]).astype(np.int64)
+            past = np.array([r.state.length for r in rows], np.int64)
         bound = self._forward_binding(first, b)
         binding = bound.binding
         # Outputs whose shape varies per call are rebound every time (ORT keeps a bound output's shape).
@@ -215,7 +222,8 @@ class OrtBackend:
         results = []
         for i, r in enumerate(rows):
             r.state.length += lengths[i]
-            results.append(RowOutput(logits[i, :len(wanted[i])].astype(np.float32, copy=True), self.loops))
+            kept = 1 if wanted[i] is None else len(wanted[i])
+            results.append(RowOutput(logits[i, :kept].astype(np.float32, copy=True), self.loops))
         return results
 
     def _forward_binding(self, first: int, count: int) -> _Binding:
