@@ -68,8 +68,8 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
                     times.append(time.perf_counter())
                 if "edgeloop" in chunk:
                     info = {"edgeloop": chunk["edgeloop"], "usage": chunk["usage"]}
-    except httpx.HTTPError as e:
-        return {"status": status or -1, "error": str(e)[:200]}
+    except httpx.HTTPError as e:  # refused, or broken mid-stream: a failed request either way
+        return {"status": -1, "error": f"{type(e).__name__}: {e}"[:200]}
     end = time.perf_counter()
     return {"status": 200, "ttft": times[0] - t0 if times else end - t0, "itl": list(np.diff(times)),
             "e2e": end - t0, "tokens": info.get("usage", {}).get("completion_tokens", len(times)),
@@ -189,6 +189,9 @@ def main() -> int:
           f"{s['ttft_p50']:.3f} / {s['ttft_p99']:.3f} | {1e3 * s['itl_p50']:.1f} / {1e3 * s['itl_p99']:.1f} | "
           f"{s['e2e_p50']:.2f} / {s['e2e_p99']:.2f} | {s['mean_loops']:.2f} | {s['server_rows_per_block_call']} |")
     print(f"exit depths: {s['depth_histogram']}")
+    errors = Counter(r["error"] for r in out["results"] if r["status"] not in (200, 429))
+    for error, n in errors.most_common(3):
+        print(f"failed x{n}: {error}", file=sys.stderr)
     if a.json:
         a.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                                       "summary": s}, indent=1))

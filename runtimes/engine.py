@@ -12,16 +12,25 @@ allows. Two schedulers over the same rows, chosen per engine:
   token through the loop together; a row that exits early idles until the deepest row of the
   step is done; new requests are admitted between steps.
 
+On a backend whose block call pads ragged rows (ONNX Runtime), both schedulers run prompts in a
+call of their own rather than pad every decode row to the prompt's length.
+
 Requests without an exit policy or loop cap run the fused graph (every pass in one call, all such
 rows batched per step), which is faster when nothing exits. One engine serves the Python API
 (`Model.generate` of several prompts) and the HTTP server; it can run in the caller's thread
 (`run_until_idle`) or its own (`start` / `stop`). Events (text pieces, the end) reach a request's
 callback from the engine's thread.
+
+A step that raises fails the requests in it (finish reason "error"; their rows and KV are freed) and
+the engine goes on with the queue: one bad batch does not take the server down. After
+`MAX_FAILED_STEPS` failing steps in a row the engine stops for good, fails everything waiting and
+refuses new work (`EngineFailed`, HTTP 503), rather than leave requests waiting on a dead thread.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -36,10 +45,16 @@ from edgeloop.runtimes.exits import TokenExit
 from edgeloop.runtimes.stepping import StepRow, host_step
 
 SCHEDULERS = ("depth", "sequence")
+MAX_FAILED_STEPS = 3
+log = logging.getLogger("edgeloop.engine")
 
 
 class QueueFull(EdgeloopError):
     """The engine's queue is at its limit: try again later (HTTP 429)."""
+
+
+class EngineFailed(EdgeloopError):
+    """The engine stopped after repeated failing steps and takes no more work (HTTP 503)."""
 
 
 @dataclass
@@ -87,6 +102,8 @@ class Metrics:
     finished: int = 0
     cancelled: int = 0
     rejected: int = 0
+    failed: int = 0  # requests ended by a failing step
+    failed_steps: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def to_dict(self, queue: int, active: int) -> dict:
@@ -97,7 +114,8 @@ class Metrics:
                 if calls else 0.0, "idle_row_passes": self.idle_row_passes, "generated_tokens": self.tokens,
                 "tokens_per_s": round(self.tokens / elapsed, 2) if elapsed else 0.0,
                 "exit_depth_histogram": {str(k): v for k, v in sorted(self.exit_depths.items())},
-                "finished": self.finished, "cancelled": self.cancelled, "rejected": self.rejected}
+                "finished": self.finished, "cancelled": self.cancelled, "rejected": self.rejected,
+                "failed": self.failed, "failed_steps": self.failed_steps}
 
 
 class Engine:
@@ -117,7 +135,8 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # why the engine stopped for good
+        self.last_error: BaseException | None = None  # the latest failing step's exception
         self.backend.reserve(max_rows)
 
     # -- requests --------------------------------------------------------------------------------
@@ -128,6 +147,8 @@ class Engine:
             raise EdgeloopError(f"the prompt has {len(request.prompt)} tokens; the context holds "
                                 f"{self.backend.max_context}")
         with self._lock:
+            if self.error is not None:
+                raise EngineFailed(f"the engine stopped after repeated failures ({self.error}); restart it")
             if len(self.queue) >= self.max_queue:
                 self.metrics.rejected += 1
                 raise QueueFull(f"the queue holds {len(self.queue)} requests (the limit); try again later")
@@ -171,6 +192,7 @@ class Engine:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        failures = 0
         try:
             while True:
                 with self._lock:
@@ -178,12 +200,29 @@ class Engine:
                         self._lock.wait()
                     if self._stopping and not self.queue and not self.active:
                         return
-                self.step()
+                try:
+                    self.step()
+                    failures = 0
+                except Exception as e:  # noqa: BLE001 - the step's requests fail, the others go on
+                    failures += 1
+                    self._fail_step(e)
+                    if failures >= MAX_FAILED_STEPS:
+                        raise
         except BaseException as e:  # noqa: BLE001 - reported to every waiting request, not lost
-            self.error = e
+            log.error("engine stopped: %s", e)
             with self._lock:
+                self.error = e
                 for job in list(self.queue) + list(self.active):
                     self._finish(job, "error")
+
+    def _fail_step(self, e: Exception) -> None:
+        """A step raised: end its requests with finish reason "error" (freeing their rows and KV)."""
+        log.error("engine step failed, %d request(s) ended: %s", len(self.active), e, exc_info=e)
+        self.last_error = e
+        self.metrics.failed_steps += 1
+        with self._lock:
+            for job in list(self.active):
+                self._finish(job, "error")
 
     def step(self) -> bool:
         """One engine step; False when there is nothing left to do."""
@@ -232,6 +271,7 @@ class Engine:
         if reason in ("cancelled", "error"):
             request.stats.finish_reason = reason
             self.metrics.cancelled += reason == "cancelled"
+            self.metrics.failed += reason == "error"
         else:
             request.finish()
             self.metrics.finished += 1
@@ -272,13 +312,22 @@ class Engine:
             self._take(job, out.logits[-1], int(out.depth))
 
     def _sequence_step(self, jobs: list[Job]) -> None:
-        rows = [StepRow(j.state, np.asarray(j.tokens, np.int64), exit=j.exit, cap=j.request.config.loops)
-                for j in jobs]
-        results = self._host_step(rows)
-        deepest = max(r.depth for r in results)
-        for job, res in zip(jobs, results):
-            self.metrics.idle_row_passes += deepest - res.depth
-            self._take(job, res.logits[-1], res.depth)
+        for group in self._groups(jobs):
+            rows = [StepRow(j.state, np.asarray(j.tokens, np.int64), exit=j.exit, cap=j.request.config.loops)
+                    for j in group]
+            results = self._host_step(rows)
+            deepest = max(r.depth for r in results)
+            for job, res in zip(group, results):
+                self.metrics.idle_row_passes += deepest - res.depth
+                self._take(job, res.logits[-1], res.depth)
+
+    def _groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """One block call per distinct token count on backends that pad ragged rows, so a joining
+        prompt does not pad every decode row to its length (prompts run apart, as in prefill-first
+        iteration-level servers); one call for all on backends that take ragged rows."""
+        if getattr(self.backend, "ragged_block", False):
+            return [jobs]
+        return [[j for j in jobs if len(j.tokens) == n] for n in sorted({len(j.tokens) for j in jobs})]
 
     def _host_step(self, rows: list[StepRow]):
         calls = {"n": 0}
@@ -304,10 +353,7 @@ class Engine:
             for job, h in zip(start, self.backend.embed([Row(j.state, np.asarray(j.tokens, np.int64))
                                                            for j in start])):
                 job.hidden = h
-        # one call per distinct token count on backends that pad ragged rows (prompts apart from decode rows)
-        groups = [jobs] if getattr(self.backend, "ragged_block", False) else \
-            [[j for j in jobs if len(j.tokens) == n] for n in sorted({len(j.tokens) for j in jobs})]
-        for group in groups:
+        for group in self._groups(jobs):
             outs = self.backend.block([BlockRow(j.state, j.hidden, j.passes) for j in group],
                                       complete=self.model.kv_strategy == "fill")
             self.metrics.block_calls += 1

@@ -303,11 +303,14 @@ class OrtBackend:
         return [hidden[i, :t] for i, t in enumerate(lengths)]
 
     def block(self, rows: Sequence[BlockRow], *, complete: bool = False) -> list[np.ndarray]:
-        entry = "block_dense" if complete and "block_dense" in self.contract.entry_points else "block"
-        ep, pool = self.contract.entry(entry), self._pool_for_host()
         b = len(rows)
         lengths = [len(r.hidden) for r in rows]
         starts = [r.state.length if r.position is None else r.position for r in rows]
+        # GroupQueryAttention takes several tokens after a past only in a batch of one row: a prompt
+        # joining decode rows (sequence-level batching) or a chunk after a past goes to the masked block
+        dense = complete and (b == 1 or max(lengths) == 1 or not any(starts))
+        entry = "block_dense" if dense and "block_dense" in self.contract.entry_points else "block"
+        ep, pool = self.contract.entry(entry), self._pool_for_host()
         for r in rows:
             if not r.state.host or r.state.slot is None:
                 raise EdgeloopError("block() needs states made by new_state(host=True)")

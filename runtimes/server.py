@@ -3,13 +3,14 @@
     POST /v1/completions        {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", ...}
     POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ... }   (the model's chat template)
     GET  /v1/models             the one model served
-    GET  /health                200 while serving, 503 while draining
+    GET  /health                200 while serving, 503 while draining or after the engine stopped
     GET  /metrics               queue depth, active rows, rows per block call, tokens/s, exit-depth histogram
 
 Streaming answers are Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`.
 Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for a bad
 request (malformed JSON, unknown model, invalid values, a prompt beyond the context), 429 when
-the queue is full. A client that disconnects cancels its request and frees its row. edgeloop's
+the queue is full, 500 (or an error object in the stream) for a request whose engine step failed,
+503 while draining or after the engine stopped. A client that disconnects cancels its request and frees its row. edgeloop's
 own knobs ride along as extra fields: `exit` (the exit policy), `loops`, `top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos`; responses carry `usage` and an `edgeloop` block (mean loops, depths).
 The engine runs in its own thread; SIGTERM (uvicorn's graceful shutdown) drains it and exits.
@@ -33,7 +34,7 @@ def create_app(model, engine, model_name: str):
     from pydantic import BaseModel, ConfigDict, Field, field_validator
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from edgeloop.runtimes.engine import Event, QueueFull
+    from edgeloop.runtimes.engine import EngineFailed, Event, QueueFull
 
     state = {"draining": False}
 
@@ -135,6 +136,8 @@ def create_app(model, engine, model_name: str):
             job = engine.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except QueueFull as e:
             return error(429, str(e), "rate_limit_exceeded")
+        except EngineFailed as e:
+            return error(503, str(e), "server_error")
         except EdgeloopError as e:
             return error(400, str(e))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -156,7 +159,7 @@ def create_app(model, engine, model_name: str):
             engine.cancel(job)
             raise
         if req.stats.finish_reason == "error":
-            return error(500, f"the engine failed: {engine.error}", "server_error")
+            return error(500, f"the engine failed: {engine.error or engine.last_error}", "server_error")
         return final(req, rid, created, chat)
 
     def usage(req) -> dict:
@@ -207,6 +210,12 @@ def create_app(model, engine, model_name: str):
                     yield chunk(event.text)
                 elif event.kind == "done":
                     req = job.request
+                    if req.stats.finish_reason == "error":  # OpenAI streams an error object, then ends
+                        failure = {"message": f"the engine failed: {engine.error or engine.last_error}",
+                                   "type": "server_error", "param": None, "code": None}
+                        yield f"data: {json.dumps({'error': failure})}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
                     last = json.loads(chunk(None, finish_reason(req))[6:])
                     last["usage"], last["edgeloop"] = usage(req), extra(req)
                     yield f"data: {json.dumps(last)}\n\n"

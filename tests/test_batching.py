@@ -120,6 +120,35 @@ def test_block_step_at_every_depth(compiled, converted, preset, backend):
     assert np.abs(got[(2, 2, model.backend.loops - 1)] - fused[-1]).max() <= TOL
 
 
+@pytest.mark.parametrize("complete", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_call_mixes_a_prompt_with_decode_rows(compiled, converted, backend, complete):
+    """A prompt (several tokens, no past) and decode rows (one token, a past) in one block call — what
+    the sequence-level scheduler does when a request joins — equal the reference, with the dense block
+    (whose attention op refuses several tokens after a past in a batch) and without."""
+    model, ref = compiled("llama", backend), edgeloop.load(converted("llama", loops=2, lora_rank=4))
+
+    def run(backend_):
+        prompts = _prompts(3, backend_.vocab_size, seed=3)
+        states = [backend_.new_state(host=True) for _ in prompts]
+        h = backend_.embed([Row(s, p) for s, p in zip(states[:2], prompts[:2])])  # rows 0, 1 decode later
+        for r in range(backend_.loops):
+            h = backend_.block([BlockRow(s, x, r) for s, x in zip(states[:2], h)], complete=complete)
+        for s, p in zip(states, prompts[:2]):
+            backend_.advance(s, len(p))
+        mixed = [Row(states[0], np.array([5])), Row(states[1], np.array([6])), Row(states[2], prompts[2])]
+        h = backend_.embed(mixed)
+        for r in range(backend_.loops):
+            h = backend_.block([BlockRow(row.state, x, r) for row, x in zip(mixed, h)], complete=complete)
+        logits = [o.logits for o in backend_.head(h)]
+        for s in states:
+            backend_.release(s)
+        return logits
+
+    for got, expected in zip(run(model.backend), run(ref.backend)):
+        assert got.shape == expected.shape and np.abs(got - expected).max() <= TOL, backend
+
+
 def _staggered(backend, prompts, tokens, complete: bool = False) -> dict:
     """Prefill every row at full depth together; then decode with the rows a pass apart, so every block
     call mixes depths (row i starts its token's passes i calls after row 0). Returns the head's logits

@@ -77,6 +77,64 @@ def test_engine_schedulers_agree_and_match_alone(model):
             assert status["finished"] == len(PROMPTS) and status["active_rows"] == 0 and status["queue_depth"] == 0
 
 
+@pytest.mark.parametrize("scheduler", ["depth", "sequence"])
+def test_engine_admits_prompts_among_decoding_rows(model, scheduler):
+    """Requests of different lengths: a new prompt joins rows that are mid-decode, and every request
+    still equals its run alone."""
+    lengths = [3, 9, 5, 12, 4, 7]
+    options = [dict(max_new_tokens=n, ignore_eos=True, exit="agreement:1") for n in lengths]
+    alone = [model.generate(p, **o) for p, o in zip(PROMPTS, options)]
+    requests = [model._request(p, model.generation_config(**o)) for p, o in zip(PROMPTS, options)]
+    engine = Engine(model, max_rows=3, scheduler=scheduler)
+    for r in requests:
+        engine.submit(r)
+    engine.run_until_idle()
+    assert [r.text for r in requests] == alone
+    assert engine.status()["finished"] == len(PROMPTS)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, monkeypatch):
+    """A step that raises ends the requests in it with "error" and frees their rows; later requests
+    run; after repeated failures the engine stops and refuses work instead of leaving it waiting."""
+    from edgeloop.runtimes import engine as engine_mod
+
+    config = model.generation_config(max_new_tokens=4, ignore_eos=True)
+    engine = Engine(model, max_rows=2)
+    original, fail = engine.step, {"n": 1}
+
+    def flaky():
+        if fail["n"] > 0 and (engine.queue or engine.active):
+            fail["n"] -= 1
+            with engine._lock:
+                engine._admit()  # the requests hold rows when the step fails
+            raise RuntimeError("injected")
+        return original()
+
+    monkeypatch.setattr(engine, "step", flaky)
+    engine.start()
+    try:
+        first = [engine.submit(model._request(p, config)) for p in PROMPTS[:2]]
+        for job in first:
+            assert job.done.wait(60)
+        later = engine.submit(model._request(PROMPTS[2], config))
+        assert later.done.wait(60)
+        assert later.request.stats.finish_reason != "error" and later.request.text == model.generate(
+            PROMPTS[2], max_new_tokens=4, ignore_eos=True)
+        status = engine.status()
+        assert status["failed_steps"] == 1 and status["active_rows"] == 0
+        assert status["failed"] == sum(j.request.stats.finish_reason == "error" for j in first) >= 1
+        fail["n"] = engine_mod.MAX_FAILED_STEPS  # now every step fails: the engine stops
+        for p in PROMPTS[3:3 + engine_mod.MAX_FAILED_STEPS]:
+            doomed = engine.submit(model._request(p, config))
+            assert doomed.done.wait(60) and doomed.request.stats.finish_reason == "error"
+        engine._thread.join(60)
+        assert engine.error is not None
+        with pytest.raises(engine_mod.EngineFailed):
+            engine.submit(model._request(PROMPTS[0], config))
+    finally:
+        engine.stop(drain=False, timeout=10)
+
+
 def test_engine_queue_limit_and_cancel(model):
     config = model.generation_config(max_new_tokens=50, ignore_eos=True)
     engine = Engine(model, max_rows=1, max_queue=2)
@@ -235,3 +293,44 @@ def test_binds_localhost_by_default():
     from edgeloop.runtimes import server
 
     assert inspect.signature(server.serve).parameters["host"].default == "127.0.0.1"
+
+
+def test_server_reports_a_failing_step_and_keeps_serving(artifact):
+    """A request whose engine step fails gets 500 (an error object when streaming); the next request is
+    served; once the engine stopped, requests get 503 and /health says so."""
+    from fastapi.testclient import TestClient
+
+    from edgeloop.runtimes import engine as engine_mod
+    from edgeloop.runtimes.server import create_app
+
+    model = edgeloop.load(artifact)
+    engine = Engine(model, max_rows=2)
+    fail = {"n": 0}
+    original = model.backend.step
+
+    def step(rows):
+        if fail["n"] > 0:
+            fail["n"] -= 1
+            raise RuntimeError("injected backend failure")
+        return original(rows)
+
+    model.backend.step = step
+    engine.start()
+    body = {"model": artifact.name, "prompt": "In the beginning", "max_tokens": 4}
+    with TestClient(create_app(model, engine, artifact.name)) as client:
+        fail["n"] = 1
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "injected backend failure" in r.json()["error"]["message"]
+        fail["n"] = 1
+        with client.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert '"error"' in lines[-2] and "injected" in lines[-2] and lines[-1] == "data: [DONE]"
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        fail["n"] = 10 ** 6
+        for _ in range(engine_mod.MAX_FAILED_STEPS):
+            client.post("/v1/completions", json=body)
+        engine._thread.join(60)
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 503 and "restart" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 503
