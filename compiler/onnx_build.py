@@ -27,6 +27,7 @@ vanilla model): `loop.host_loop` in the contract.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,8 +51,11 @@ class BuiltGraph:
     name: str  # entry point name: forward | prologue | block | epilogue
     file: str  # the .onnx file it is saved as
     builder: GraphBuilder
+    kv_inplace: bool = False  # forward: GroupQueryAttention writes the bound KV buffers in place
 
     def model(self) -> onnx.ModelProto:
+        """The graph as an ONNX model. The weights move into it: the builder keeps no copy, so a large
+        model holds each graph's weights once (the graph's names, kinds and contract stay)."""
         return self.builder.model()
 
     @property
@@ -182,7 +186,7 @@ def build_forward(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layou
         for kind, value in zip(("key", "value"), present[eid]):
             g.op_to("Identity", [value], [f"present_{kind}.{eid}"])
             g.output(f"present_{kind}.{eid}", fdt, shape, role=f"present_{kind}", kv=eid)
-    return BuiltGraph("forward", "model.onnx", g), inplace
+    return BuiltGraph("forward", "model.onnx", g, kv_inplace=inplace), inplace
 
 
 def _emit_loop(g: GraphBuilder, spec, tensors, layouts: dict[int, BlockTensors], depth_of, stage, si, x,
@@ -331,24 +335,22 @@ def build_epilogue(spec: ModelSpec, tensors: dict, *, float_dtype=np.float32) ->
 
 
 def build_graphs(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout: str, float_dtype=np.float32,
-                 lora_dtype=np.float32, block_lora_dtype=None) -> tuple[list[BuiltGraph], bool]:
-    """Every entry point's graph (forward first) and whether the forward graph writes KV in place.
+                 lora_dtype=np.float32, block_lora_dtype=None) -> Iterator[BuiltGraph]:
+    """Every entry point's graph, forward first, built one at a time as the caller asks for the next:
+    the block, the dense block, the forward graph and kv_fill each carry the shared weights, so a
+    compiler that finishes (quantizes, saves) one graph before building the next holds one copy.
     block_lora_dtype: the block step's LoRA storage when it differs (int8 LoRA runs only as MatMulNBits
     initializers of the unrolled graph; the block step gathers float16 factors)."""
-    forward, inplace = build_forward(spec, recursion, tensors, layout=layout, float_dtype=float_dtype,
-                                     lora_dtype=lora_dtype)
-    graphs = [forward]
-    if has_host_loop(recursion):
-        graphs += [build_prologue(spec, tensors, float_dtype=float_dtype),
-                   build_block(spec, recursion, tensors, float_dtype=float_dtype,
-                               lora_dtype=block_lora_dtype or lora_dtype),
-                   *([build_block(spec, recursion, tensors, float_dtype=float_dtype,
-                                  lora_dtype=block_lora_dtype or lora_dtype, dense=True)]
-                     if gqa_supported(spec) else []),
-                   build_kv_fill(spec, recursion, tensors, float_dtype=float_dtype,
-                                 lora_dtype=block_lora_dtype or lora_dtype),
-                   build_epilogue(spec, tensors, float_dtype=float_dtype)]
-    return graphs, inplace
+    yield build_forward(spec, recursion, tensors, layout=layout, float_dtype=float_dtype, lora_dtype=lora_dtype)[0]
+    if not has_host_loop(recursion):
+        return
+    block_lora = block_lora_dtype or lora_dtype
+    yield build_prologue(spec, tensors, float_dtype=float_dtype)
+    yield build_block(spec, recursion, tensors, float_dtype=float_dtype, lora_dtype=block_lora)
+    if gqa_supported(spec):
+        yield build_block(spec, recursion, tensors, float_dtype=float_dtype, lora_dtype=block_lora, dense=True)
+    yield build_kv_fill(spec, recursion, tensors, float_dtype=float_dtype, lora_dtype=block_lora)
+    yield build_epilogue(spec, tensors, float_dtype=float_dtype)
 
 
 def graph_stats(model: onnx.ModelProto, kinds: dict[str, str]) -> dict:

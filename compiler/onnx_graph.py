@@ -112,10 +112,15 @@ class GraphBuilder:
                                  value_info=self.value_info)
 
     def model(self) -> onnx.ModelProto:
+        """The graph as a model. The weights move into it one tensor at a time (the builder keeps none):
+        make_model copies the graph it is given, so one built with its weights would exist three times
+        at once — for a large model, that was the compiler's peak memory."""
         assert self.parent is None
-        m = helper.make_model(self.graph(True), producer_name="edgeloop",
+        m = helper.make_model(self.graph(False), producer_name="edgeloop",
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
         m.ir_version = 10
+        for name in list(self.initializers):
+            m.graph.initializer.append(self.initializers.pop(name))
         return m
 
 

@@ -1,9 +1,13 @@
 """`build` for backend "onnxruntime": the model's graphs through a flat list of named passes.
 
-    build graphs -> quantize -> check -> save -> optimize -> share weights -> ort format
+    for each entry point: build graph -> quantize -> save -> check      (graph passes)
+    then: optimize -> share weights -> ort format                       (artifact passes)
 
-Each pass takes and returns the `Program` (every entry point's graph); `--debug-dump DIR`
-writes every graph after every pass (`DIR/NN-pass/ENTRY.txt`). The targets are one table
+The graph passes finish one entry point's graph (in memory, then on disk) before the next is
+built: the forward graph, the block steps and kv_fill each carry the shared weights, and holding
+them all at once took ~10x the model's size in memory (24 GB for a 2.5 GB TinyLlama-shape model).
+The artifact passes work on the saved graphs together. `--debug-dump DIR` writes every graph
+after every pass (`DIR/NN-pass/ENTRY.txt`). The targets are one table
 (`ONNX_TARGETS`): what a target changes (dtype, offline optimization, ORT format, provider) is
 data there, not checks scattered over the passes.
 """
@@ -50,17 +54,31 @@ ONNX_TARGETS = {
 
 @dataclass
 class Program:
-    graphs: list[BuiltGraph]
-    protos: dict[str, onnx.ModelProto]  # entry -> graph (in memory until `save`)
-    kinds: dict[str, dict[str, str]]  # entry -> initializer name -> kind
-    inplace: bool
-    fp32_forward: onnx.ModelProto | None = None  # the unquantized forward graph (quality reference)
+    """What the passes know of the artifact: its entry points' graphs (built, quantized and saved one
+    at a time) and what the passes found out."""
+
+    graphs: list[BuiltGraph] = field(default_factory=list)  # in the order they were built
+    inplace: bool = False  # the forward graph writes its KV in place
     quantization: dict = field(default_factory=lambda: {"scheme": "none"})
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # the forward graph's, as saved
     fp32_stats: dict | None = None
-    saved: bool = False
+    fp32_forward: Path | None = None  # the unquantized forward graph on disk (quality reference)
+    packed: dict = field(default_factory=dict)  # quantized weights by content, shared by the graphs
     ort_models: dict[str, str] = field(default_factory=dict)
     required_operators: str | None = None
+
+
+@dataclass
+class GraphUnit:
+    """One entry point's graph while the graph passes run on it: in memory until `save`, then on disk."""
+
+    graph: BuiltGraph
+    proto: onnx.ModelProto | None
+    kinds: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.graph.name
 
 
 def target_of(options) -> OnnxTarget:
@@ -68,40 +86,45 @@ def target_of(options) -> OnnxTarget:
 
 
 # ---------------------------------------------------------------------------------------------
-# passes
+# graph passes: one graph at a time, so a large model holds one graph's weights in memory
 
 
-def quantize(prog: Program, model, options, out_dir: Path) -> Program:
+def quantize(prog: Program, unit: GraphUnit, model, options, out_dir: Path) -> None:
     if not options.quantizes:
-        return prog
+        return
     from edgeloop.compiler.onnx_quant import quantize_graph
 
-    prog.fp32_forward = prog.protos["forward"]
-    prog.fp32_stats = graph_stats(prog.fp32_forward, prog.kinds["forward"])
-    for name in list(prog.protos):
-        proto, kinds, info = quantize_graph(prog.protos[name], prog.kinds[name], model, options)
-        prog.protos[name], prog.kinds[name] = proto, kinds
-        if name == "forward":
-            prog.quantization = info
-    return prog
+    if unit.name == "forward":  # kept on disk, not in memory, for the quality measurement
+        prog.fp32_stats = graph_stats(unit.proto, unit.kinds)
+        work = Path(tempfile.mkdtemp(prefix=".fp32-", dir=out_dir))  # removed by `_quality`
+        prog.fp32_forward = work / "fp32.onnx"
+        onnx.save_model(unit.proto, str(prog.fp32_forward), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="fp32.onnx.data", size_threshold=1024)
+        unit.proto = onnx.load(str(prog.fp32_forward))  # saving moved the weights out of the proto
+    unit.proto, unit.kinds, info = quantize_graph(unit.proto, unit.kinds, model, options, in_place=True,
+                                                  cache=prog.packed)
+    if unit.name == "forward":
+        prog.quantization = info
 
 
-def check(prog: Program, model, options, out_dir: Path) -> Program:
-    for name, proto in prog.protos.items():
-        try:
-            onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as e:  # a bug in edgeloop, not a user error
-            raise RuntimeError(f"edgeloop built an invalid ONNX graph ({name}): {e}") from e
-    prog.stats = graph_stats(prog.protos["forward"], prog.kinds["forward"])
-    return prog
+def save(prog: Program, unit: GraphUnit, model, options, out_dir: Path) -> None:
+    onnx.save_model(unit.proto, str(out_dir / unit.graph.file), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=f"{unit.graph.file}.data", size_threshold=1024)
+    unit.proto = None  # the weights were written out of it; the file is the graph from here on
 
 
-def save(prog: Program, model, options, out_dir: Path) -> Program:
-    for g in prog.graphs:
-        onnx.save_model(prog.protos[g.name], str(out_dir / g.file), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=f"{g.file}.data", size_threshold=1024)
-    prog.saved = True
-    return prog
+def check(prog: Program, unit: GraphUnit, model, options, out_dir: Path) -> None:
+    path = out_dir / unit.graph.file
+    try:  # by path: the checker reads graphs beyond protobuf's 2 GB limit that way
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:  # a bug in edgeloop, not a user error
+        raise RuntimeError(f"edgeloop built an invalid ONNX graph ({unit.name}): {e}") from e
+    if unit.name == "forward":
+        prog.stats = graph_stats(onnx.load(str(path), load_external_data=False), unit.kinds)
+
+
+# ---------------------------------------------------------------------------------------------
+# artifact passes: the saved graphs together
 
 
 def optimize(prog: Program, model, options, out_dir: Path) -> Program:
@@ -127,8 +150,9 @@ def optimize(prog: Program, model, options, out_dir: Path) -> Program:
             # fold the per-depth stacks of Loop bodies and the block step into new tensors, which would
             # then be stored next to the per-depth ones the other entry points read (ORT folds them
             # when the session loads instead).
+            nodes = onnx.load(str(moved), load_external_data=False).graph.node
             stacked = any(n.op_type == "Concat" and (".per_depth." in n.output[0] or n.output[0].startswith("rope_"))
-                          for n in prog.protos[g.name].graph.node)
+                          for n in nodes)
             disabled = ["ConstantFolding"] if options.lora_dtype == "float16" or stacked else []
             try:
                 ort.InferenceSession(str(moved), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
@@ -204,15 +228,19 @@ def ort_format(prog: Program, model, options, out_dir: Path) -> Program:
     return prog
 
 
-PASSES = [("quantize", quantize), ("check", check), ("save", save), ("optimize", optimize),
-          ("share_weights", share_weights), ("ort_format", ort_format)]
+GRAPH_PASSES = [("quantize", quantize), ("save", save), ("check", check)]
+ARTIFACT_PASSES = [("optimize", optimize), ("share_weights", share_weights), ("ort_format", ort_format)]
+PASSES = GRAPH_PASSES + ARTIFACT_PASSES
 
 
-def _dump(prog: Program, out_dir: Path, dest: Path) -> None:
+def _dump_graph(proto: onnx.ModelProto, name: str, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
+    (dest / f"{name}.txt").write_text(onnx.printer.to_text(proto.graph))
+
+
+def _dump_saved(prog: Program, out_dir: Path, dest: Path) -> None:
     for g in prog.graphs:
-        proto = onnx.load(str(out_dir / g.file), load_external_data=False) if prog.saved else prog.protos[g.name]
-        (dest / f"{g.name}.txt").write_text(onnx.printer.to_text(proto.graph))
+        _dump_graph(onnx.load(str(out_dir / g.file), load_external_data=False), g.name, dest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,23 +258,35 @@ def build(model, options, out_dir: Path):
     float_dtype = np.dtype(target.float_dtype)
     # int8 LoRA is built float and packed by the quantization rewrite, like the shared weights
     lora_dtype = np.float16 if options.lora_dtype == "float16" else float_dtype
-    graphs, inplace = build_graphs(model.spec, model.recursion, model.tensors, layout=options.layout,
-                                   float_dtype=float_dtype, lora_dtype=lora_dtype,
-                                   block_lora_dtype=np.float16 if options.lora_dtype == "int8" else None)
-    prog = Program(graphs, {g.name: g.model() for g in graphs}, {g.name: g.kinds for g in graphs}, inplace)
     dump = Path(options.debug_dump) if options.debug_dump else None
-    if dump:
-        _dump(prog, out_dir, dump / "00-build")
-    for i, (name, step) in enumerate(PASSES, start=1):
+    prog = Program()
+    for graph in build_graphs(model.spec, model.recursion, model.tensors, layout=options.layout,
+                              float_dtype=float_dtype, lora_dtype=lora_dtype,
+                              block_lora_dtype=np.float16 if options.lora_dtype == "int8" else None):
+        prog.graphs.append(graph)
+        prog.inplace = prog.inplace or graph.kv_inplace
+        unit = GraphUnit(graph, graph.model(), graph.kinds)
+        if dump:
+            _dump_graph(unit.proto, unit.name, dump / "00-build")
+        for i, (name, step) in enumerate(GRAPH_PASSES, start=1):
+            step(prog, unit, model, options, out_dir)
+            if dump:
+                dest = dump / f"{i:02d}-{name}"
+                if unit.proto is not None:
+                    _dump_graph(unit.proto, unit.name, dest)
+                else:
+                    _dump_graph(onnx.load(str(out_dir / graph.file), load_external_data=False), unit.name, dest)
+        del unit  # the next graph is built only now
+    for i, (name, step) in enumerate(ARTIFACT_PASSES, start=len(GRAPH_PASSES) + 1):
         prog = step(prog, model, options, out_dir)
         if dump:
-            _dump(prog, out_dir, dump / f"{i:02d}-{name}")
+            _dump_saved(prog, out_dir, dump / f"{i:02d}-{name}")
 
-    entries = {g.name: g.builder.entry_point(g.file) for g in graphs}
+    entries = {g.name: g.builder.entry_point(g.file) for g in prog.graphs}
     result = BackendResult(
         layout=options.layout,
         loop=loop_state(model),
-        kv=kv_layout(model, options.layout, inplace, float_dtype),
+        kv=kv_layout(model, options.layout, prog.inplace, float_dtype),
         entry_points=entries,
         onnx=OnnxSection(data_files=(WEIGHTS_FILE,), execution_provider=target.execution_provider,
                          offline_optimization=target.offline_optimization if options.optimize else "none",
@@ -272,12 +312,11 @@ def _quality(prog: Program, result, model, options, out_dir: Path) -> dict:
     from edgeloop.compiler.artifact import provisional_contract
     from edgeloop.compiler.onnx_quant import measure_quality
 
-    with tempfile.TemporaryDirectory(dir=out_dir) as work:
-        work = Path(work)
-        onnx.save_model(prog.fp32_forward, str(work / "fp32.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="fp32.onnx.data", size_threshold=1024)
+    try:
         contract = provisional_contract(model, options, result)
-        quality = measure_quality(contract, out_dir, work / "fp32.onnx", model, options)
+        quality = measure_quality(contract, out_dir, prog.fp32_forward, model, options)
+    finally:
+        shutil.rmtree(prog.fp32_forward.parent, ignore_errors=True)
     weights = (sum(prog.fp32_stats["bytes_by_kind"].values()), sum(prog.stats["bytes_by_kind"].values()))
     quality["weight_bytes_fp32"], quality["weight_bytes"] = weights
     quality["size_vs_fp32"] = round(weights[1] / weights[0], 4)

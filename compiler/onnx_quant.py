@@ -21,6 +21,7 @@ mean KL, top-1 agreement and perplexity of both.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import math
 from pathlib import Path
 
@@ -57,17 +58,24 @@ RANDOM_TOKENS = 256  # random ids scored when no matching text exists (test mode
 # the rewrite
 
 
-def quantize_graph(proto: onnx.ModelProto, kinds: dict[str, str], model, options):
-    """-> (quantized copy of proto, updated kinds, quantization manifest section)."""
+def quantize_graph(proto: onnx.ModelProto, kinds: dict[str, str], model, options, *, in_place: bool = False,
+                   cache: dict | None = None):
+    """-> (quantized proto, updated kinds, quantization manifest section). The proto is copied unless
+    in_place (a compiler that saved the float graph already rewrites it without a second copy).
+    cache: packed weights by content, shared by the graphs of one artifact — the forward graph, the
+    block steps and kv_fill hold the same shared weights, and the scale search is the slow part."""
     if options.quant not in PRESETS:
         raise EdgeloopError(f"unknown --quant {options.quant!r}; choose one of {', '.join(PRESETS)}")
     if any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer if kinds.get(t.name) == "shared"):
         raise EdgeloopError(f"--quant {options.quant} needs a float32 graph; the {options.target} target builds "
                             "float16 (use --target cpu or --quant none)")
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)  # the fp32 graph stays intact: quality is measured against it
+    if in_place:
+        out = proto
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(proto)  # the fp32 graph stays intact: quality is measured against it
     kinds = dict(kinds)
-    store = _WeightStore(out.graph, kinds, options)
+    store = _WeightStore(out.graph, kinds, options, cache)
     store.heads = {n.input[1] for n in out.graph.node if n.op_type == "Gemm" and store.wants(n.input[1], "embedding")
                    and _is_plain_head(n)}
     # Bodies first: rewriting a graph copies its nodes, so a Loop's body must be final by then.
@@ -130,8 +138,9 @@ def _annotate(graph: onnx.GraphProto, name: str) -> None:
 class _WeightStore:
     """Packs each float weight once and hands out the initializer names each consumer reads."""
 
-    def __init__(self, graph: onnx.GraphProto, kinds: dict[str, str], options):
+    def __init__(self, graph: onnx.GraphProto, kinds: dict[str, str], options, cache: dict | None = None):
         self.graph, self.kinds, self.options = graph, kinds, options
+        self.cache = cache  # (content, scheme, block, symmetric, search) -> packed, across graphs
         self.preset = {**PRESETS[options.quant], **(LORA_INT8 if options.lora_dtype == "int8" else {})}
         self.inits = {t.name: t for t in graph.initializer}
         self.packed: dict[str, qp.BlockPacked | qp.ChannelPacked] = {}
@@ -165,11 +174,16 @@ class _WeightStore:
         """Quantize the weight as W [K, N] (K = input dim). Embeddings are [V, H]: W = E.T."""
         if name not in self.packed:
             w = numpy_helper.to_array(self.inits[name]).astype(np.float32)
-            w = w.T if transposed else w
+            w = np.ascontiguousarray(w.T if transposed else w)
             s, o = self.scheme(name), self.options
-            p = qp.quantize(w, s.name, block_size=self.block_size(name, w.shape[0]), symmetric=o.symmetric,
-                            search=o.scale_search and s.layout == "block")
-            self._track_error(w, p, s)
+            size, search = self.block_size(name, w.shape[0]), o.scale_search and s.layout == "block"
+            key = (hashlib.sha256(w).digest(), w.shape, s.name, size, o.symmetric, search)
+            p = self.cache.get(key) if self.cache is not None else None
+            if p is None:
+                p = qp.quantize(w, s.name, block_size=size, symmetric=o.symmetric, search=search)
+                self._track_error(w, p, s)  # the forward graph (packed first) reports these
+                if self.cache is not None:
+                    self.cache[key] = p
             self.packed[name] = p
         return self.packed[name]
 

@@ -188,3 +188,39 @@ def test_float16_lora_storage_is_kept(converted, tmp_path, layout):
     # the LoRA halves on disk (offline optimization must not fold the Casts back to fp32)
     assert sizes["float32"] - sizes["float16"] >= 0.9 * lora_bytes
     assert np.abs(logits["float32"] - logits["float16"]).max() < 1e-2
+
+
+def test_compile_finishes_each_graph_before_building_the_next(converted, tmp_path, monkeypatch):
+    """The forward graph, both block steps and kv_fill each carry the shared weights: the compiler
+    quantizes and saves one graph, and lets go of its weights, before it builds the next (holding them
+    all took ~10x the model's size in memory). No temporary file is left in the artifact."""
+    from edgeloop.compiler import onnx_build, onnx_pipeline
+
+    built, staging = [], {}
+    original = onnx_build.build_graphs
+
+    def watched(*args, **kwargs):
+        for graph in original(*args, **kwargs):
+            if built:  # every graph built so far is on disk and its builder holds no weights
+                for g in built:
+                    assert (staging["dir"] / g.file).is_file(), g.name
+                    assert not g.builder.root.initializers, g.name
+            built.append(graph)
+            yield graph
+
+    real_save = onnx_pipeline.save
+
+    def save(prog, unit, model, options, out_dir):
+        staging["dir"] = out_dir
+        return real_save(prog, unit, model, options, out_dir)
+
+    monkeypatch.setattr(onnx_pipeline, "build_graphs", watched)
+    monkeypatch.setattr(onnx_pipeline, "save", save)
+    monkeypatch.setattr(onnx_pipeline, "GRAPH_PASSES", [(n, save if n == "save" else f)
+                                                        for n, f in onnx_pipeline.GRAPH_PASSES])
+    out = tmp_path / "a"
+    edgeloop.compile(converted("llama", loops=2, lora_rank=4), out, quant="int4")
+    assert [g.name for g in built] == ["forward", "prologue", "block", "block_dense", "kv_fill", "epilogue"]
+    assert all(p.is_file() for p in out.iterdir())  # the float graph kept for the quality check is gone
+    contract = edgeloop.load(out).backend.contract
+    assert contract.quality is not None and 0 < contract.quality["size_vs_fp32"] < 1 and contract.quality["tokens"] > 0
