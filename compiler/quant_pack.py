@@ -24,6 +24,8 @@ best. It is never worse than round-to-nearest (RTN is the first candidate), see 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,9 +90,14 @@ class ChannelPacked:
 # block (MatMulNBits) layout
 
 
+SEARCH_ROWS = 256  # output columns per scale-search task: blocks are independent, so the search is
+# split into tasks that threads run in parallel (numpy releases the GIL) and that stay cache-sized
+
+
 def quantize_blocks(w: np.ndarray, *, bits: int = 4, block_size: int = 32, symmetric: bool = False,
-                    search: bool = False) -> BlockPacked:
-    """W [K, N] (input dim first) -> BlockPacked. `search`: per-block scale search (better than RTN)."""
+                    search: bool = False, workers: int | None = None) -> BlockPacked:
+    """W [K, N] (input dim first) -> BlockPacked. `search`: per-block scale search (better than RTN),
+    on `workers` threads (default: the CPUs this process may use); the result does not depend on it."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"quantize_blocks expects a 2-D weight [K, N], got shape {w.shape}")
@@ -101,7 +108,12 @@ def quantize_blocks(w: np.ndarray, *, bits: int = 4, block_size: int = 32, symme
     scales, zps = _block_params(blocks, bits, symmetric)
     codes = _encode(blocks, scales, zps, bits)
     if search:
-        scales, zps, codes = _search(blocks, valid, bits, symmetric, scales, zps, codes)
+        parts = [slice(i, i + SEARCH_ROWS) for i in range(0, n, SEARCH_ROWS)]
+        workers = workers or len(os.sched_getaffinity(0))
+        with ThreadPoolExecutor(max(1, min(workers, len(parts)))) as pool:
+            found = list(pool.map(lambda r: _search(blocks[r], valid, bits, symmetric, scales[r], zps[r], codes[r]),
+                                  parts))
+        scales, zps, codes = (np.concatenate([f[i] for f in found]) for i in range(3))
     return BlockPacked(data=_pack_codes(codes, bits), scales=scales.reshape(-1).astype(np.float32),
                        zero_points=None if symmetric else _pack_zero_points(zps, bits), k=k, n=n, bits=bits,
                        block_size=block_size)

@@ -45,6 +45,21 @@ def test_scale_search_beats_round_to_nearest():
         assert r["searched_rel_error"] < r["rtn_rel_error"]
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_scale_search_in_parallel_tasks_is_exact(symmetric, monkeypatch):
+    """The search runs in tasks of SEARCH_ROWS output columns on several threads: the packed weight is
+    bit for bit the one a single task over every column gives."""
+    monkeypatch.setattr(qp, "SEARCH_ROWS", 7)  # ragged last task
+    w = RNG.standard_t(4, size=(96, 45)).astype(np.float32)
+    parallel = qp.quantize_blocks(w, symmetric=symmetric, search=True, workers=4)
+    monkeypatch.setattr(qp, "SEARCH_ROWS", 10_000)
+    single = qp.quantize_blocks(w, symmetric=symmetric, search=True, workers=1)
+    assert np.array_equal(parallel.data, single.data) and np.array_equal(parallel.scales, single.scales)
+    assert (parallel.zero_points is None) == symmetric
+    if not symmetric:
+        assert np.array_equal(parallel.zero_points, single.zero_points)
+
+
 def _one_node_session(node, inits, inputs, output):
     import onnxruntime as ort
 
