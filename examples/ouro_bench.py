@@ -6,9 +6,8 @@
 Builds (once, cached under --work) a random-weight checkpoint with the shape of ByteDance's
 Ouro-1.4B (24 layers x 4 steps, hidden 2048, MHA 16 x 128, vocab 49152, untied head, exit gate),
 converts it and compiles it to an int4 artifact (`--backend tvm`, the default: the shared layers
-int4, round-to-nearest since the weights are random; `--backend onnxruntime` needs more than the
-23 GB of this machine to compile at this size: every ONNX entry point holds the layers until they
-are deduplicated). Then, per thread count, each engine runs in its own process (so peak RSS is its
+int4, round-to-nearest since the weights are random; `--backend onnxruntime` compiles at a peak
+of about 17.6 GB at this size). Then, per thread count, each engine runs in its own process (so peak RSS is its
 own):
 
 - edgeloop int4, every step on the fused graph (`--exit none`, what the published code computes);
@@ -50,7 +49,7 @@ def prepare(work: Path, backend: str = "tvm") -> tuple[Path, Path]:
         print(f"[prep] compile int4 ({backend}) -> {art}", file=sys.stderr)
         if backend == "tvm":  # the shared layers int4, embeddings and LM head float32
             edgeloop.compile(md, art, backend="tvm", quant="int4", scale_search=False)
-        else:  # every ONNX entry point holds the layers until they are deduplicated: > 23 GB at 1.4B
+        else:  # ~17.6 GB peak at 1.4B (one entry point at a time): docs/ouro.md
             edgeloop.compile(md, art, quant="int4", quantize_embeddings=True, scale_search=False, optimize=False)
     return md, art
 
