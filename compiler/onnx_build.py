@@ -129,7 +129,7 @@ def _loop_norm(g: GraphBuilder, spec: ModelSpec, tensors: dict, x: str) -> str:
 
 
 def build_forward(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layout: str, float_dtype=np.float32,
-                  lora_dtype=np.float32, fuse_lora_b: bool = False) -> tuple[BuiltGraph, bool]:
+                  lora_dtype=np.float32) -> tuple[BuiltGraph, bool]:
     """The fused graph and whether it writes its KV in place (GroupQueryAttention)."""
     inplace = layout == "unrolled" and gqa_supported(spec)
     g = GraphBuilder("edgeloop", float_dtype=float_dtype)
@@ -165,7 +165,7 @@ def build_forward(spec: ModelSpec, recursion: Recursion, tensors: dict, *, layou
             continue
         for r in range(stage.repeats):
             for u in stage.blocks:
-                w = FixedDepth(g, layouts[u], depth_of[u], repeat=r, lora_dtype=lora_dtype, fuse_lora_b=fuse_lora_b)
+                w = FixedDepth(g, layouts[u], depth_of[u], repeat=r, lora_dtype=lora_dtype)
                 x, delta, nk, nv = emit_layer(g, spec, w, x, att, f"past_key.d{depth}", f"past_value.d{depth}", delta)
                 present[f"d{depth}"] = (nk, nv)
                 depth += 1

@@ -76,11 +76,9 @@ class LayerWeights(ABC):
 
     per_row = False  # per-depth tensors come out [b, ...] (rows at different depths)
 
-    def __init__(self, g: GraphBuilder, bt: BlockTensors, depths: list[int], lora_dtype=np.float32,
-                 fuse_lora_b: bool = True):
+    def __init__(self, g: GraphBuilder, bt: BlockTensors, depths: list[int], lora_dtype=np.float32):
         self.g, self.bt, self.depths = g, bt, depths  # depths[r]: the depth position of repeat r
         self.lora_dtype = np.dtype(lora_dtype)
-        self.fuse_lora_b = fuse_lora_b
         self._depth = {t.key: t for t in depth_tensors(bt)}
 
     def depth_initializer(self, key: str, repeat: int) -> str:
@@ -120,27 +118,16 @@ class LayerWeights(ABC):
 
     def lora(self, group: Group) -> LoraPlan | None:
         """This depth's LoRA of a group: A [in, r_total], then one matmul per member's B after the
-        group's split (the default), or with fuse_lora_b one block-diagonal B [r_total, out_total]
-        (each member's B in its own rows and output columns, zeros elsewhere): two matmuls and one
-        add before the split. Built from the per-depth initializers with constant Pad and Concat
-        nodes, which ORT folds when the session loads: on disk the factors stay as they are.
-        Measured on the bundled model's fused graph (int4, 2 threads, `edgeloop bench`, 5-7
+        group's split. A block-diagonal B [r_total, out_total] (one matmul and add before the split)
+        was measured on the bundled model's fused graph (int4, 2 threads, `edgeloop bench`, 5-7
         interleaved rounds): no gain at rank 8 (657 vs 653 tok/s) and 6-9% slower at rank 32 (the
-        zeros triple the B matmul of q/k/v), so the fused graphs keep one matmul per member; the
-        block step, whose rows need every depth's factors at once, uses the block-diagonal form."""
+        zeros triple the B matmul of q/k/v), so only the block step, whose rows need every depth's
+        factors at once, uses the block-diagonal form (GatheredDepth.lora)."""
         if group.name not in self.bt.lora_a:
             return None
         members = [m for m in group.members if m.rank and m.name in self.bt.lora_b[group.name]]
         a = self.per_depth(f"{group.name}.A")
-        if not self.fuse_lora_b:
-            return LoraPlan(a, None, [(m.name, self.per_depth(f"{group.name}.B.{m.name}"), m.rank) for m in members])
-        blocks = [self._padded_b(group, m, self.depth_initializer(f"{group.name}.B.{m.name}", self._repeat()))
-                  for m in members]
-        b = self._stack_rows(blocks, f"b{self.bt.block}.per_depth.{group.name}.B.d{self.depths[self._repeat()]}")
-        return LoraPlan(a, self._as_float(b, LORA), [])
-
-    def _repeat(self) -> int:
-        raise NotImplementedError("only FixedDepth reads one repeat's factors")
+        return LoraPlan(a, None, [(m.name, self.per_depth(f"{group.name}.B.{m.name}"), m.rank) for m in members])
 
     def _padded_b(self, group: Group, member, b: str) -> str:
         """A member's B [r, out_m] padded to the group's output columns: [r, out_total]."""
@@ -169,12 +156,9 @@ class LayerWeights(ABC):
 class FixedDepth(LayerWeights):
     """Unrolled code: repeat `repeat` of the block reads its own initializers."""
 
-    def __init__(self, g, bt, depths: list[int], *, repeat: int, lora_dtype=np.float32, fuse_lora_b: bool = False):
-        super().__init__(g, bt, depths, lora_dtype, fuse_lora_b)
+    def __init__(self, g, bt, depths: list[int], *, repeat: int, lora_dtype=np.float32):
+        super().__init__(g, bt, depths, lora_dtype)
         self.repeat = repeat
-
-    def _repeat(self) -> int:
-        return self.repeat
 
     def per_depth(self, key: str) -> str:
         return self._as_float(self.depth_initializer(key, self.repeat), self._depth[key].kind)
@@ -241,11 +225,7 @@ class GatheredDepth(LayerWeights):
         bundled model), which cost more than the block's arithmetic. The extra flops (R x the LoRA's)
         are small next to the shared weights'."""
         if not self.per_row:  # a Loop body: the iteration's factors, gathered from the stack
-            if group.name not in self.bt.lora_a:
-                return None
-            members = [m for m in group.members if m.rank and m.name in self.bt.lora_b[group.name]]
-            return LoraPlan(self.per_depth(f"{group.name}.A"), None,
-                            [(m.name, self.per_depth(f"{group.name}.B.{m.name}"), m.rank) for m in members])
+            return super().lora(group)
         if group.name not in self.bt.lora_a:
             return None
         members = [m for m in group.members if m.rank and m.name in self.bt.lora_b[group.name]]
