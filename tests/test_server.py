@@ -37,21 +37,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(artifact):
+def _start_server(artifact, *flags: str, **popen) -> tuple[subprocess.Popen, str]:
+    """`edgeloop serve ARTIFACT FLAGS` on a free port, once /health answers 200 (or fail with its stderr)."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgeloop", "serve", str(artifact), "--port", str(port),
-                             "--max-rows", "4", "--max-queue", "32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "edgeloop", "serve", str(artifact), "--port", str(port), *flags],
+                            stderr=subprocess.PIPE, **popen)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
+                return proc, url
         except httpx.HTTPError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(proc.stderr.read().decode()[-2000:])
+    proc.kill()
+    pytest.fail(proc.stderr.read().decode()[-2000:])
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    proc, url = _start_server(artifact, "--max-rows", "4", "--max-queue", "32", stdout=subprocess.PIPE)
     yield url, proc
     if proc.poll() is None:
         proc.terminate()
@@ -229,17 +233,8 @@ def test_disconnect_cancels_and_frees_the_slot(server):
 
 
 def test_queue_full_gives_429(artifact):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgeloop", "serve", str(artifact), "--port", str(port),
-                             "--max-rows", "1", "--max-queue", "1"], stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _start_server(artifact, "--max-rows", "1", "--max-queue", "1")
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         codes = []
 
         def send():
@@ -258,16 +253,7 @@ def test_queue_full_gives_429(artifact):
 
 
 def test_sigterm_drains(artifact):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgeloop", "serve", str(artifact), "--port", str(port)],
-                            stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    proc, url = _start_server(artifact)
     result = {}
 
     def send():

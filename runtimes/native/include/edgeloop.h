@@ -107,6 +107,10 @@ EL_API const char *el_version(void);
 /* "EL_ERR_CHECKSUM", ...; static storage; "EL_ERR_UNKNOWN" for values not listed above. */
 EL_API const char *el_status_name(el_status status);
 
+/* "eos", "length", "stop", "context", "cancelled" (the names Python's finish_reason uses); "" for
+ * EL_FINISH_NONE and values not listed above; static storage. */
+EL_API const char *el_finish_reason_name(el_finish_reason reason);
+
 /* One line describing the last failure on this thread ("" if none). Valid until the next failing
  * call on this thread; copy it to keep it. */
 EL_API const char *el_last_error(void);

@@ -155,6 +155,18 @@ const char* el_status_name(el_status status) {
   return "EL_ERR_UNKNOWN";
 }
 
+const char* el_finish_reason_name(el_finish_reason reason) {
+  switch (reason) {
+    case EL_FINISH_EOS: return "eos";
+    case EL_FINISH_LENGTH: return "length";
+    case EL_FINISH_STOP: return "stop";
+    case EL_FINISH_CONTEXT: return "context";
+    case EL_FINISH_CANCELLED: return "cancelled";
+    case EL_FINISH_NONE: break;
+  }
+  return "";
+}
+
 const char* el_last_error(void) { return g_last_error.c_str(); }
 
 void el_set_log_callback(el_log_callback callback, void* user_data) {

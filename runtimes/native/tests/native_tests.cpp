@@ -569,6 +569,10 @@ void test_api(const std::string& artifact) {
   char small[4];
   CHECK(el_model_exit_policy(model, small, sizeof(small)) == 4 && std::string(small) == "non");
   CHECK(std::string(el_version()).find("artifact format 2") != std::string::npos);
+  CHECK(std::string(el_finish_reason_name(EL_FINISH_EOS)) == "eos");
+  CHECK(std::string(el_finish_reason_name(EL_FINISH_CANCELLED)) == "cancelled");
+  CHECK(std::string(el_finish_reason_name(EL_FINISH_NONE)).empty());
+  CHECK(std::string(el_finish_reason_name(static_cast<el_finish_reason>(99))).empty());
 
   // tokens: sizes reported, buffers never overrun
   const std::string prompt = "And God said unto Moses";

@@ -53,17 +53,6 @@ void json_string(std::string& out, const char* s, size_t n) {
   out += '"';
 }
 
-const char* finish_name(el_finish_reason r) {
-  switch (r) {
-    case EL_FINISH_EOS: return "eos";
-    case EL_FINISH_LENGTH: return "length";
-    case EL_FINISH_STOP: return "stop";
-    case EL_FINISH_CONTEXT: return "context";
-    case EL_FINISH_CANCELLED: return "cancelled";
-    default: return "";
-  }
-}
-
 double peak_rss_mb() {
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
@@ -215,7 +204,7 @@ int main(int argc, char** argv) {
                   "], \"finish_reason\": \"%s\", \"prompt_tokens\": %d, \"new_tokens\": %d, \"seed\": %" PRIu64
                   ", \"load_s\": %.6f, \"time_to_first_token_s\": %.6f, \"decode_tok_s\": %.3f, \"mean_loops\": %.4f, "
                   "\"peak_rss_mb\": %.1f, \"exit\": ",
-                  finish_name(r.finish_reason), r.n_prompt_tokens, r.n_generated, r.seed, load_s, r.prefill_seconds,
+                  el_finish_reason_name(r.finish_reason), r.n_prompt_tokens, r.n_generated, r.seed, load_s, r.prefill_seconds,
                   r.decode_tokens_per_second, r.mean_loops, peak_rss_mb());
     out += stats;
     json_string(out, policy, std::strlen(policy));
@@ -228,7 +217,7 @@ int main(int argc, char** argv) {
                "\nedgeloop-cli: load %.3f s | prompt %d tokens, time to first token %.3f s | %d tokens, decode "
                "%.2f tok/s | mean loops %.2f (exit %s) | finish %s | seed %" PRIu64 " | peak RSS %.1f MB\n",
                load_s, r.n_prompt_tokens, r.prefill_seconds, r.n_generated, r.decode_tokens_per_second, r.mean_loops,
-               policy, finish_name(r.finish_reason), r.seed, peak_rss_mb());
+               policy, el_finish_reason_name(r.finish_reason), r.seed, peak_rss_mb());
   el_session_free(session);
   el_model_free(model);
   return 0;

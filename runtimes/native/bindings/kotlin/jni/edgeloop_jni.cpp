@@ -110,17 +110,6 @@ int on_token(el_token, const char* piece, size_t len, void* user) {
   return go_on ? 0 : 1;
 }
 
-const char* finish_name(el_finish_reason r) {
-  switch (r) {
-    case EL_FINISH_EOS: return "eos";
-    case EL_FINISH_LENGTH: return "length";
-    case EL_FINISH_STOP: return "stop";
-    case EL_FINISH_CONTEXT: return "context";
-    case EL_FINISH_CANCELLED: return "cancelled";
-    default: return "";
-  }
-}
-
 }  // namespace
 
 extern "C" {
@@ -259,7 +248,7 @@ JNIEXPORT jobject JNICALL Java_dev_edgeloop_EdgeloopModel_nativeGenerate(JNIEnv*
   if (!cls) return nullptr;
   jmethodID ctor = env->GetMethodID(cls, "<init>", "(Ljava/lang/String;[I[ILjava/lang/String;IDDDJ)V");
   if (!ctor) return nullptr;
-  const char* reason = finish_name(r.finish_reason);
+  const char* reason = el_finish_reason_name(r.finish_reason);
   return env->NewObject(cls, ctor, to_jstring(env, out.data(), out.size()), jt, jd,
                         to_jstring(env, reason, std::char_traits<char>::length(reason)), r.n_prompt_tokens,
                         r.prefill_seconds, r.decode_tokens_per_second, r.mean_loops, static_cast<jlong>(r.seed));
