@@ -58,7 +58,6 @@ class Program:
     at a time) and what the passes found out."""
 
     graphs: list[BuiltGraph] = field(default_factory=list)  # in the order they were built
-    inplace: bool = False  # the forward graph writes its KV in place
     quantization: dict = field(default_factory=lambda: {"scheme": "none"})
     stats: dict = field(default_factory=dict)  # the forward graph's, as saved
     fp32_stats: dict | None = None
@@ -66,6 +65,11 @@ class Program:
     packed: dict = field(default_factory=dict)  # quantized weights by content, shared by the graphs
     ort_models: dict[str, str] = field(default_factory=dict)
     required_operators: str | None = None
+
+    @property
+    def inplace(self) -> bool:
+        """The forward graph writes its KV in place."""
+        return any(g.kv_inplace for g in self.graphs)
 
 
 @dataclass
@@ -264,7 +268,6 @@ def build(model, options, out_dir: Path):
                               float_dtype=float_dtype, lora_dtype=lora_dtype,
                               block_lora_dtype=np.float16 if options.lora_dtype == "int8" else None):
         prog.graphs.append(graph)
-        prog.inplace = prog.inplace or graph.kv_inplace
         unit = GraphUnit(graph, graph.model(), graph.kinds)
         if dump:
             _dump_graph(unit.proto, unit.name, dump / "00-build")
